@@ -1,0 +1,113 @@
+"""The latency backend interface: every device profile names a backend, and every backend measures an ONNX
+file (or a PyTorch module, where it runs PyTorch) and returns the same statistics.
+
+Kept free of torch imports so that the remote agent (which imports only onnxruntime, numpy and the standard
+library) can share these types.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one profile, in milliseconds per batch."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    cv: float  # coefficient of variation (std / mean) of the samples
+    n: int  # timed repetitions
+    ci_low_ms: float  # 95% confidence interval of the median
+    ci_high_ms: float
+    samples_ms: Tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def spread_ms(self) -> float:
+        """p90 - p10: the spread reported next to every median."""
+        return self.p90_ms - self.p10_ms
+
+    def to_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not with_samples:
+            d.pop("samples_ms")
+        else:
+            d["samples_ms"] = list(self.samples_ms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LatencyStats":
+        d = dict(d)
+        d["samples_ms"] = tuple(d.get("samples_ms", ()))
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How long and how precisely to measure (shared by every backend)."""
+
+    warmup: int = 10
+    min_repeats: int = 20
+    max_repeats: int = 300
+    target_rel_ci: float = 0.02  # stop when the median's 95% CI is within +-2% of the median
+    time_cap_s: float = 5.0
+
+
+class LatencyBackend(Protocol):
+    """What a device profile's backend provides."""
+
+    name: str
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """Stable description of the device and software (CPU model, versions, provider, threads)."""
+
+    def measure_onnx(self, onnx_path: str, input_shape: Sequence[int]) -> LatencyStats:
+        """Latency of one ONNX model at the given input shape (batch included)."""
+
+
+# Backend factories by name; each takes the profile and returns a backend or raises BackendUnavailable.
+BackendFactory = Callable[["DeviceProfile"], LatencyBackend]
+_BACKENDS: Dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    def deco(factory: BackendFactory) -> BackendFactory:
+        _BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def backend_names() -> Tuple[str, ...]:
+    return tuple(sorted(_BACKENDS))
+
+
+def make_backend(profile: "DeviceProfile") -> LatencyBackend:
+    from hwprune.errors import ConfigError
+
+    factory = _BACKENDS.get(profile.backend)
+    if factory is None:
+        raise ConfigError(
+            f"device profile {profile.name!r}: unknown backend {profile.backend!r}; "
+            f"valid backends: {', '.join(backend_names())}"
+        )
+    return factory(profile)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A target device: which backend measures it and how. Loaded from ``device_profiles/*.yaml``."""
+
+    name: str
+    backend: str
+    batch_size: int = 1
+    options: Dict[str, Any] = field(default_factory=dict)  # backend-specific (threads, provider, url, ...)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    accelerates: Tuple[str, ...] = ("filter", "channel", "depth")  # structures that speed this target up
+    source: Optional[str] = None  # the YAML file it came from
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
