@@ -111,3 +111,11 @@ class DeviceProfile:
 
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
+
+
+def measure_candidate(backend: LatencyBackend, onnx_path: str, module: Any, input_shape: Sequence[int]) -> LatencyStats:
+    """Measure a candidate with whatever form the backend consumes: a PyTorch module for backends that run
+    PyTorch (they define ``measure_module``), the ONNX file otherwise."""
+    if getattr(backend, "input_kind", "onnx") == "torch":
+        return backend.measure_module(module, input_shape)  # type: ignore[attr-defined]
+    return backend.measure_onnx(onnx_path, input_shape)
