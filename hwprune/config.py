@@ -1,0 +1,275 @@
+"""Search spaces and device profiles: YAML files -> frozen dataclasses.
+
+Every file is validated strictly: an unknown key or value is rejected with the file, the key path and the valid
+choices, so a typo never silently becomes a default.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from hwprune.errors import ConfigError
+from hwprune.latency.base import DeviceProfile, MeasureSettings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SEARCH_SPACE_DIR = "search_spaces"
+PROFILE_DIR = "device_profiles"
+
+IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class RecoveryBudget:
+    """What every candidate (and the dense reference, for a fair comparison) gets after pruning."""
+
+    bn_recalibration_batches: int = 10
+    finetune_steps: int = 100
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    distill: bool = False
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.7  # weight of the distillation term; 1 - alpha on the hard labels
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    prunable: Tuple[str, ...] = ("*",)  # glob patterns on module names (roots of dependency groups)
+    ignore: Tuple[str, ...] = ()
+    ratios: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    round_to: Optional[int] = 8
+    importance: str = "l1"
+    structures: Dict[str, Any] = field(default_factory=dict)  # per-layer structures beyond filters (optional)
+    recovery: RecoveryBudget = field(default_factory=RecoveryBudget)
+    description: str = ""
+    source: Optional[str] = None
+
+    def matches(self, module_name: str) -> bool:
+        """Whether a module may be pruned: matched by a ``prunable`` pattern and by no ``ignore`` pattern."""
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.prunable) and not any(
+            fnmatch.fnmatchcase(module_name, p) for p in self.ignore
+        )
+
+    def check_patterns(self, module_names: Sequence[str]) -> None:
+        """A pattern that matches no layer of the model is an error (it is almost always a typo)."""
+        for key, patterns in (("prunable", self.prunable), ("ignore", self.ignore)):
+            for p in patterns:
+                if not any(fnmatch.fnmatchcase(n, p) for n in module_names):
+                    shown = ", ".join(module_names[:12]) + (" ..." if len(module_names) > 12 else "")
+                    raise ConfigError(
+                        f"{self.source or self.name}: {key} pattern {p!r} matches no prunable layer of the model; "
+                        f"layers are: {shown}"
+                    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict YAML reading helpers
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(where: str, data: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    for k in data:
+        if k not in allowed:
+            raise ConfigError(f"{where}: unknown key {k!r}; valid keys: {', '.join(allowed)}")
+
+
+def _typed(where: str, value: Any, kind: type, *, minimum: Optional[float] = None, maximum: Optional[float] = None):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {maximum}")
+    return value
+
+
+def _choice(where: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _patterns(where: str, value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of glob patterns on module names, got {value!r}")
+    return tuple(value)
+
+
+def resolve(ref: str, folder: str, what: str) -> Path:
+    """A file given by path, or by stem in ./<folder>/ or in the project's own <folder>/."""
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidates = [Path.cwd() / folder, PROJECT_ROOT / folder]
+    for base in candidates:
+        for suffix in (".yaml", ".yml"):
+            q = base / f"{ref}{suffix}"
+            if q.is_file():
+                return q
+    known = sorted({q.stem for base in candidates if base.is_dir() for q in base.glob("*.y*ml")})
+    raise ConfigError(
+        f"{what} {ref!r} not found: give a path to a .yaml file or one of: {', '.join(known) or '(none found)'}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Search spaces
+
+_SPACE_KEYS = ("description", "prunable", "ignore", "ratios", "round_to", "importance", "structures", "recovery")
+_RECOVERY_TYPES = {
+    "bn_recalibration_batches": (int, 0, None),
+    "finetune_steps": (int, 0, None),
+    "batch_size": (int, 1, None),
+    "lr": (float, 0.0, None),
+    "optimizer": (str, None, None),
+    "weight_decay": (float, 0.0, None),
+    "distill": (bool, None, None),
+    "distill_temperature": (float, 1e-6, None),
+    "distill_alpha": (float, 0.0, 1.0),
+}
+
+
+def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> SearchSpace:
+    _check_keys(source, data, _SPACE_KEYS)
+    kw: Dict[str, Any] = {"name": name, "source": source}
+    if "description" in data:
+        kw["description"] = str(data["description"])
+    if "prunable" in data:
+        kw["prunable"] = _patterns(f"{source}: prunable", data["prunable"])
+    if "ignore" in data:
+        kw["ignore"] = _patterns(f"{source}: ignore", data["ignore"] or [])
+    if "ratios" in data:
+        ratios = data["ratios"]
+        if not isinstance(ratios, list) or not ratios:
+            raise ConfigError(f"{source}: ratios: expected a non-empty list of numbers in [0, 1), got {ratios!r}")
+        vals = tuple(
+            _typed(f"{source}: ratios[{i}]", r, float, minimum=0.0, maximum=0.99) for i, r in enumerate(ratios)
+        )
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"{source}: ratios: {list(vals)} lists a value twice; list each ratio once")
+        kw["ratios"] = tuple(sorted(vals))
+    if "round_to" in data:
+        rt = data["round_to"]
+        kw["round_to"] = None if rt in (None, 1) else _typed(f"{source}: round_to", rt, int, minimum=1)
+    if "importance" in data:
+        kw["importance"] = _choice(f"{source}: importance", data["importance"], IMPORTANCE_CRITERIA)
+    if "structures" in data:
+        st = data["structures"] or {}
+        if not isinstance(st, dict):
+            raise ConfigError(f"{source}: structures: expected a mapping, got {st!r}")
+        kw["structures"] = dict(st)
+    if "recovery" in data:
+        rec = data["recovery"] or {}
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{source}: recovery: expected a mapping, got {rec!r}")
+        _check_keys(f"{source}: recovery", rec, _RECOVERY_TYPES)
+        rkw = {}
+        for k, v in rec.items():
+            kind, lo, hi = _RECOVERY_TYPES[k]
+            rkw[k] = _typed(f"{source}: recovery.{k}", v, kind, minimum=lo, maximum=hi)
+        if "optimizer" in rkw:
+            _choice(f"{source}: recovery.optimizer", rkw["optimizer"], OPTIMIZERS)
+        kw["recovery"] = RecoveryBudget(**rkw)
+    return SearchSpace(**kw)
+
+
+def load_search_space(ref: str) -> SearchSpace:
+    path = resolve(ref, SEARCH_SPACE_DIR, "search space")
+    return parse_search_space(_read_yaml(path), name=path.stem, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device profiles
+
+_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "options", "measure", "accelerates")
+_MEASURE_TYPES = {
+    "warmup": (int, 0, None),
+    "min_repeats": (int, 1, None),
+    "max_repeats": (int, 1, None),
+    "target_rel_ci": (float, 0.0, 1.0),
+    "time_cap_s": (float, 0.0, None),
+}
+
+
+def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProfile:
+    from hwprune.latency.base import backend_names
+
+    _check_keys(source, data, _PROFILE_KEYS)
+    if "backend" not in data:
+        raise ConfigError(f"{source}: missing key 'backend'; choose one of: {', '.join(backend_names())}")
+    kw: Dict[str, Any] = {
+        "name": str(data.get("name", name)),
+        "backend": _choice(f"{source}: backend", data["backend"], backend_names()),
+        "source": source,
+    }
+    if "batch_size" in data:
+        kw["batch_size"] = _typed(f"{source}: batch_size", data["batch_size"], int, minimum=1)
+    if "options" in data:
+        opts = data["options"] or {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{source}: options: expected a mapping, got {opts!r}")
+        kw["options"] = dict(opts)
+    if "measure" in data:
+        m = data["measure"] or {}
+        if not isinstance(m, dict):
+            raise ConfigError(f"{source}: measure: expected a mapping, got {m!r}")
+        _check_keys(f"{source}: measure", m, _MEASURE_TYPES)
+        mkw = {}
+        for k, v in m.items():
+            kind, lo, hi = _MEASURE_TYPES[k]
+            mkw[k] = _typed(f"{source}: measure.{k}", v, kind, minimum=lo, maximum=hi)
+        settings = MeasureSettings(**mkw)
+        if settings.min_repeats > settings.max_repeats:
+            raise ConfigError(
+                f"{source}: measure.min_repeats ({settings.min_repeats}) exceeds max_repeats ({settings.max_repeats})"
+            )
+        kw["measure"] = settings
+    if "accelerates" in data:
+        acc = data["accelerates"] or []
+        if not isinstance(acc, list) or not all(isinstance(a, str) for a in acc):
+            raise ConfigError(f"{source}: accelerates: expected a list of structure names, got {acc!r}")
+        kw["accelerates"] = tuple(acc)
+    return DeviceProfile(**kw)
+
+
+def load_profile(ref: str) -> DeviceProfile:
+    path = resolve(ref, PROFILE_DIR, "device profile")
+    return parse_profile(_read_yaml(path), name=path.stem, source=str(path))
+
+
+def load_profiles(refs: Sequence[str]) -> List[DeviceProfile]:
+    profiles = [load_profile(r) for r in refs]
+    names = [p.name for p in profiles]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"device profiles {sorted(dup)} given twice; give each profile once")
+    return profiles
