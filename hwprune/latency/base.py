@@ -46,6 +46,43 @@ class LatencyStats:
 
 
 @dataclass(frozen=True)
+class PairedLatency:
+    """A candidate and a reference (the dense model) measured in the same time window, alternately."""
+
+    candidate: LatencyStats
+    reference: LatencyStats
+    ratio: float  # candidate median / reference median
+    pair_ratio_median: float  # median of per-pair ratios (paired estimate; equals ratio when not interleaved)
+    pair_ratio_ci_low: float  # 95% CI of the per-pair ratio median (nan when not interleaved)
+    pair_ratio_ci_high: float
+    interleaved: bool = True  # False when the backend could only measure the two one after the other
+
+    def to_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        return {
+            "candidate": self.candidate.to_dict(with_samples),
+            "reference": self.reference.to_dict(with_samples),
+            "ratio": self.ratio,
+            "pair_ratio_median": self.pair_ratio_median,
+            "pair_ratio_ci_low": self.pair_ratio_ci_low,
+            "pair_ratio_ci_high": self.pair_ratio_ci_high,
+            "interleaved": self.interleaved,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PairedLatency":
+        nan = float("nan")
+        return cls(
+            candidate=LatencyStats.from_dict(d["candidate"]),
+            reference=LatencyStats.from_dict(d["reference"]),
+            ratio=float(d["ratio"]),
+            pair_ratio_median=float(d.get("pair_ratio_median", d["ratio"])),
+            pair_ratio_ci_low=float(nan if d.get("pair_ratio_ci_low") is None else d["pair_ratio_ci_low"]),
+            pair_ratio_ci_high=float(nan if d.get("pair_ratio_ci_high") is None else d["pair_ratio_ci_high"]),
+            interleaved=bool(d.get("interleaved", True)),
+        )
+
+
+@dataclass(frozen=True)
 class MeasureSettings:
     """How long and how precisely to measure (shared by every backend)."""
 
@@ -119,3 +156,49 @@ def measure_candidate(backend: LatencyBackend, onnx_path: str, module: Any, inpu
     if getattr(backend, "input_kind", "onnx") == "torch":
         return backend.measure_module(module, input_shape)  # type: ignore[attr-defined]
     return backend.measure_onnx(onnx_path, input_shape)
+
+
+def measure_candidate_pair(
+    backend: LatencyBackend,
+    onnx_path: str,
+    module: Any,
+    reference_onnx_path: str,
+    reference_module: Any,
+    input_shape: Sequence[int],
+) -> PairedLatency:
+    """Measure a candidate and the reference (dense) model interleaved in the same time window, with whatever
+    form the backend consumes. A backend without a pair method gets the two measured one after the other
+    (``interleaved=False`` in the result)."""
+    if getattr(backend, "input_kind", "onnx") == "torch":
+        return backend.measure_module_pair(module, reference_module, input_shape)  # type: ignore[attr-defined]
+    pair = getattr(backend, "measure_onnx_pair", None)
+    if pair is not None:
+        return pair(onnx_path, reference_onnx_path, input_shape)
+    from hwprune.latency.measure import pair_from_samples
+
+    cand = backend.measure_onnx(onnx_path, input_shape)
+    ref = backend.measure_onnx(reference_onnx_path, input_shape)
+    return pair_from_samples(cand.samples_ms, ref.samples_ms, interleaved=False)
+
+
+def check_options(profile: "DeviceProfile", valid: Sequence[str]) -> None:
+    """Reject option keys a backend does not know (a typo must never silently become a default)."""
+    from hwprune.errors import ConfigError
+
+    for key in profile.options:
+        if key not in valid:
+            raise ConfigError(
+                f"device profile {profile.name!r} ({profile.source or 'no file'}): unknown {profile.backend} option "
+                f"{key!r}; valid options: {', '.join(valid)}"
+            )
+
+
+def batched_shape(profile: "DeviceProfile", input_shape: Sequence[int]) -> Tuple[int, ...]:
+    """The shape a backend measures: ``input_shape`` with its first (batch) dimension set to the profile's
+    ``batch_size``."""
+    from hwprune.errors import ModelError
+
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ModelError(f"input shape {list(input_shape)} is not valid; give positive sizes with the batch first")
+    return (int(profile.batch_size),) + shape[1:]
