@@ -1,0 +1,40 @@
+"""Writing a model out: ONNX (what devices run) and the PyTorch module (what users fine-tune further)."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from hwprune.errors import ModelError
+
+OPSET = 17
+
+
+def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
+    """Export with a fixed input shape (batch included): latency is measured at exactly that shape."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(*input_shape)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (x,), str(path), input_names=["input"], output_names=["output"],
+                opset_version=OPSET, dynamo=False,
+            )
+    except Exception as e:
+        raise ModelError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return path
+
+
+def save_torch(model: nn.Module, path: Path) -> Path:
+    """The whole pruned module (its shapes differ from the original class's defaults, so a state_dict alone is
+    not enough); load with ``torch.load(path, weights_only=False)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return path

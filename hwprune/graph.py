@@ -1,0 +1,169 @@
+"""Dependency-aware physical pruning. The only module that imports torch_pruning (the engine; we never trace
+graphs ourselves).
+
+A *group* is a set of coupled channels that must be removed together (conv -> BN -> residual add -> the next
+convs' input channels). Groups are named by their root module's qualified name, which is what plans store.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from hwprune.errors import ModelError
+
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _tp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch_pruning as tp
+    return tp
+
+
+@dataclass(frozen=True)
+class PrunableGroup:
+    name: str  # root module's qualified name
+    channels: int  # prunable channels in the group
+    members: Tuple[str, ...]  # every module the group touches
+
+
+def _names(model: nn.Module) -> Dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
+
+
+def _modules_by_name(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    table = dict(model.named_modules())
+    return [table[n] for n in names if n in table]
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor):
+    tp = _tp()
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():  # torch-pruning traces autograd; it needs grad on
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as e:
+        raise ModelError(f"torch-pruning could not trace the model's dependency graph ({type(e).__name__}: {e})") from e
+
+
+def list_groups(
+    model: nn.Module, example_input: torch.Tensor, ignored: Sequence[str] = ()
+) -> List[PrunableGroup]:
+    """Every prunable dependency group, in model order. ``ignored`` module names never lose output channels."""
+    dg = build_graph(model, example_input)
+    names = _names(model)
+    groups = []
+    seen = set()
+    for group in dg.get_all_groups(ignored_layers=_modules_by_name(model, ignored), root_module_types=ROOT_TYPES):
+        root = group[0].dep.target.module
+        name = names.get(root)
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        members = []
+        for dep, _ in group:
+            for m in (dep.source.module, dep.target.module):
+                n = names.get(m)
+                if n is not None and n not in members:
+                    members.append(n)
+        groups.append(PrunableGroup(name, int(dg.get_out_channels(root)), tuple(members)))
+    order = {n: i for i, n in enumerate(names.values())}
+    return sorted(groups, key=lambda g: order[g.name])
+
+
+def _importance(criterion: str):
+    tp = _tp()
+    imp = tp.importance
+    if criterion == "l1":
+        return imp.MagnitudeImportance(p=1)
+    if criterion == "l2":
+        return imp.MagnitudeImportance(p=2)
+    if criterion == "bn_scale":
+        return imp.BNScaleImportance()
+    if criterion == "taylor":
+        return imp.TaylorImportance()
+    if criterion == "random":
+        return imp.RandomImportance()
+    raise ModelError(f"unknown importance criterion {criterion!r}; choose l1, l2, bn_scale, taylor or random")
+
+
+def prune_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratios: Dict[str, float],
+    criterion: str = "l1",
+    round_to: Optional[int] = None,
+    ignored: Sequence[str] = (),
+    calibration: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    inplace: bool = False,
+) -> Tuple[nn.Module, list]:
+    """Physically remove ``ratios[group]`` of each group's channels (rounded so that a multiple of ``round_to``
+    channels remains). Returns the pruned model and torch-pruning's pruning history, which ``replay`` applies
+    exactly to a fresh copy of the same model. ``calibration`` (inputs, labels) is needed by the Taylor criterion.
+    """
+    tp = _tp()
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    table = dict(model.named_modules())
+    unknown = [n for n in ratios if n not in table]
+    if unknown:
+        raise ModelError(f"plan names layers the model does not have: {unknown[:5]}")
+    ratio_dict = {table[n]: float(r) for n, r in ratios.items() if r > 0}
+    if not ratio_dict:
+        return model, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_input,
+            importance=_importance(criterion),
+            pruning_ratio=0.0,
+            pruning_ratio_dict=ratio_dict,
+            ignored_layers=_modules_by_name(model, ignored),
+            round_to=round_to,
+            root_module_types=list(ROOT_TYPES),
+        )
+        if criterion == "taylor":
+            if calibration is None:
+                raise ModelError("the taylor criterion needs a calibration batch (data); use l1 or l2 without data")
+            x, y = calibration
+            model.zero_grad()
+            with torch.enable_grad():
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+    return model.eval(), _jsonable(pruner.pruning_history())
+
+
+def _jsonable(history) -> list:
+    return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
+
+
+def replay(model: nn.Module, example_input: torch.Tensor, history: list, inplace: bool = False) -> nn.Module:
+    """Apply a recorded pruning history to an unpruned copy of the model: the same architecture and weights."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if history:
+        dg = build_graph(model.eval(), example_input)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg.load_pruning_history([(n, o, list(i)) for n, o, i in history])
+    return model.eval()
+
+
+def channel_counts(model: nn.Module) -> Dict[str, int]:
+    """Output channels / features of every conv and linear layer (the architecture a plan produced)."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            out[n] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[n] = m.out_features
+    return out

@@ -1,0 +1,79 @@
+"""A pruning plan: the per-layer choices of one candidate, stored as JSON with every trial so it can be
+replayed exactly (export rebuilds models from plans, never from pickles of search state)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from hwprune import graph
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class PruningPlan:
+    ratios: Dict[str, float]  # dependency group (root module name) -> fraction of its channels removed
+    criterion: str = "l1"
+    round_to: Optional[int] = None
+    ignored: List[str] = field(default_factory=list)  # modules whose output channels are never removed
+    structures: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer non-filter structures
+    history: List[list] = field(default_factory=list)  # torch-pruning history, filled when the plan is applied
+    version: int = PLAN_VERSION
+
+    @property
+    def is_dense(self) -> bool:
+        return all(r == 0 for r in self.ratios.values()) and not self.structures
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        d = json.loads(text)
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
+        return cls(**d)
+
+    def summary(self) -> str:
+        pruned = {k: v for k, v in self.ratios.items() if v > 0}
+        if not pruned and not self.structures:
+            return "dense"
+        parts = [f"{k}={v:g}" for k, v in pruned.items()]
+        parts += [f"{k}:{s.get('structure')}={s.get('ratio', 0):g}" for k, s in self.structures.items()]
+        return " ".join(parts)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: PruningPlan,
+    example_input: torch.Tensor,
+    calibration: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[nn.Module, PruningPlan]:
+    """A new, physically smaller model (the input model is untouched) and the plan with its history recorded."""
+    pruned, history = graph.prune_groups(
+        model, example_input, plan.ratios, plan.criterion, plan.round_to, plan.ignored, calibration
+    )
+    plan = PruningPlan(**{**asdict(plan), "history": history})
+    pruned = _apply_structures(pruned, plan)
+    return pruned, plan
+
+
+def replay_plan(model: nn.Module, plan: PruningPlan, example_input: torch.Tensor) -> nn.Module:
+    """Rebuild a plan's model exactly from its recorded history (same channels kept, same weights)."""
+    if plan.history or all(r == 0 for r in plan.ratios.values()):
+        pruned = graph.replay(model, example_input, plan.history)
+        return _apply_structures(pruned, plan)
+    return apply_plan(model, plan, example_input)[0]
+
+
+def _apply_structures(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    if not plan.structures:
+        return model
+    from hwprune.structures import apply_layer_structures  # the structure catalog (mask, strided, depth, ...)
+
+    model, _ = apply_layer_structures(model, plan.structures, criterion=plan.criterion)
+    return model

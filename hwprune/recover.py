@@ -1,0 +1,121 @@
+"""Recovery after pruning and accuracy on the validation split.
+
+Every candidate, and the dense reference, gets the same budget (BN recalibration, then a fixed number of
+fine-tuning steps with a cosine learning rate, optionally distilled from the dense model), so extra training is
+never mistaken for pruning quality.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hwprune.config import RecoveryBudget
+from hwprune.data import DataBundle
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256) -> float:
+    """Top-1 accuracy on the validation split (never on training data)."""
+    model.eval()
+    correct = total = 0
+    for x, y in data.loader("val", batch_size):
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += y.numel()
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, batch_size: int = 64, seed: int = 0) -> None:
+    """Re-estimate BatchNorm running statistics for the pruned architecture from training batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for x, _ in itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), batches):
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def _batches(data: DataBundle, batch_size: int, seed: int):
+    epoch = 0
+    while True:
+        yield from data.loader("train", batch_size, shuffle=True, seed=seed + epoch)
+        epoch += 1
+
+
+def train(
+    model: nn.Module,
+    data: DataBundle,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    optimizer: str = "sgd",
+    weight_decay: float = 5e-4,
+    teacher: Optional[nn.Module] = None,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    seed: int = 0,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> nn.Module:
+    """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE."""
+    if steps <= 0:
+        return model
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    for step, (x, y) in enumerate(itertools.islice(_batches(data, batch_size, seed), steps)):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = F.kl_div(
+                F.log_softmax(logits / temperature, 1), F.softmax(t_logits / temperature, 1), reduction="batchmean"
+            ) * (temperature**2)
+            loss = alpha * kd + (1 - alpha) * loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+    return model
+
+
+def recover(
+    model: nn.Module, data: DataBundle, budget: RecoveryBudget, teacher: Optional[nn.Module] = None, seed: int = 0
+) -> nn.Module:
+    """The recovery every candidate gets: BN recalibration, then the fine-tuning budget (KD if configured)."""
+    recalibrate_bn(model, data, budget.bn_recalibration_batches, budget.batch_size, seed)
+    return train(
+        model,
+        data,
+        steps=budget.finetune_steps,
+        lr=budget.lr,
+        batch_size=budget.batch_size,
+        optimizer=budget.optimizer,
+        weight_decay=budget.weight_decay,
+        teacher=teacher if budget.distill else None,
+        temperature=budget.distill_temperature,
+        alpha=budget.distill_alpha,
+        seed=seed,
+    )
