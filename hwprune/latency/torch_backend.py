@@ -62,10 +62,14 @@ class TorchBackend:
             raise ConfigError(f"device profile {profile.name!r}: option device is {dev!r}; use cpu, cuda or cuda:N")
         if dev.startswith("cuda"):
             if not torch.cuda.is_available():
+                fix = (
+                    "run on a machine with an NVIDIA GPU and driver"
+                    if torch.version.cuda
+                    else "install a CUDA build of torch (see pytorch.org) on a machine with an NVIDIA GPU"
+                )
                 raise BackendUnavailable(
                     f"device profile {profile.name!r} asks for device {dev!r}, but torch {torch.__version__} sees no "
-                    f"CUDA device here; install a CUDA build of torch on a machine with an NVIDIA GPU, or use "
-                    f"the torch-cpu profile"
+                    f"CUDA device here; {fix}, or use the torch-cpu profile"
                 )
             idx = int(dev[5:]) if ":" in dev else 0
             if idx >= torch.cuda.device_count():
