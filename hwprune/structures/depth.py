@@ -111,13 +111,14 @@ def count_macs(module: nn.Module, in_shape: Sequence[int]) -> int:
             total[0] += int(out.numel() * m.in_features)
 
     hs = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    states = [(m, m.training) for m in module.modules()]
     try:
-        was = module.training
         module.eval()
         with torch.no_grad():
             module(torch.zeros(tuple(in_shape)))
-        module.train(was)
     finally:
+        for m, t in states:
+            m.training = t
         for h in hs:
             h.remove()
     return total[0]
@@ -154,9 +155,10 @@ class DepthStructure(Structure):
         removed = p.pop("removed", removed)
         keep = keep_mask(self.scores(module=module), ratio) if removed is None else torch.tensor([0 not in list(removed)])
         new = copy.deepcopy(module) if bool(keep[0]) else to_shortcut(module)
+        new.train(module.training)
         if not bool(keep[0]) and in_shape is not None and residual_kind(module) == "declared":
             with torch.no_grad():
-                out = module.eval()(torch.zeros(tuple(in_shape)))
+                out = copy.deepcopy(module).eval()(torch.zeros(tuple(in_shape)))
             if tuple(out.shape) != tuple(in_shape):
                 raise ModelError(
                     f"{type(module).__name__} is declared residual but maps {tuple(in_shape)} to {tuple(out.shape)}; "
