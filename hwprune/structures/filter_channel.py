@@ -136,22 +136,23 @@ def realize_physical(
     specs: Dict[str, Dict[str, Any]],
     criterion: str = "l1",
     round_to: Optional[int] = None,
-    ignored: Sequence[nn.Module] = (),
+    ignored: Sequence[str] = (),
 ):
-    """Physically prune every ``filter`` spec through the dependency graph (``hwprune.graph.prune_groups``: groups
-    are named by their root module's qualified name). ``channel`` specs on a layer are passed with the same call
-    under the key ``"<layer>#in"`` (prune the layer's input channels); the graph module decides how to root them.
+    """Physically prune every ``filter`` spec through the dependency graph (``hwprune.graph.prune_groups``; the
+    spec's layer name is the group's root module). ``channel`` specs are refused: the graph removes a layer's input
+    channels by pruning the group that produces them, so give that producer a ``filter`` spec.
     Returns (pruned_model, history) from ``prune_groups``."""
     try:
         from hwprune.graph import prune_groups
-    except ImportError as e:  # pragma: no cover - until the core lands
-        raise ConfigError(
-            "physical filter/channel pruning needs hwprune.graph.prune_groups, which is not available in this build"
-        ) from e
+    except ImportError as e:  # pragma: no cover
+        raise ConfigError("physical filter pruning needs hwprune.graph (torch-pruning): pip install torch-pruning") from e
     r = physical_ratios(specs)
-    ratios = dict(r["filter"])
-    ratios.update({f"{k}#in": v for k, v in r["channel"].items()})
-    return prune_groups(model, example_input, ratios, criterion, round_to, list(ignored))
+    if r["channel"]:
+        raise ConfigError(
+            f"channel specs on {sorted(r['channel'])[:3]} cannot be realized alone in a model: input channels are "
+            f"removed by pruning the layer that produces them; give that layer a 'filter' spec instead"
+        )
+    return prune_groups(model, example_input, r["filter"], criterion, round_to, list(ignored))
 
 
 def physical_report(name: str, structure: str, ratio: float, before: nn.Module, after: nn.Module,

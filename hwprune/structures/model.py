@@ -56,11 +56,17 @@ def input_shapes(model: nn.Module, example_input: torch.Tensor) -> Dict[str, Tup
     """Shape of the first input of every named module in one forward pass."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     hooks = []
+
+    def make(name):
+        def hook(mod, inp, out):
+            if inp and torch.is_tensor(inp[0]):
+                shapes.setdefault(name, tuple(inp[0].shape))
+
+        return hook
+
     for name, m in model.named_modules():
         if name:
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: shapes.setdefault(name, tuple(inp[0].shape)) if inp and torch.is_tensor(inp[0]) else None
-            ))
+            hooks.append(m.register_forward_hook(make(name)))
     was = model.training
     model.eval()
     try:
