@@ -19,6 +19,7 @@ from hwprune.latency import DeviceProfile, MeasureSettings, make_backend, measur
 from hwprune.latency import agent as agent_mod
 from hwprune.latency.remote import AgentClient, RemoteBackend
 from test_latency_models import conv_onnx
+from test_latency_onnxruntime import symbolic_channels
 
 TOKEN = "s3cret-token"
 FAST = MeasureSettings(warmup=2, min_repeats=5, max_repeats=30, target_rel_ci=0.05, time_cap_s=0.5)
@@ -82,6 +83,13 @@ def test_interleaved_pair_on_the_agent(agent, tmp_path):
     assert pair.interleaved and pair.ratio > 4.0, pair
 
 
+def test_model_errors_on_the_agent_come_back_as_model_errors(agent, tmp_path):
+    b = RemoteBackend(remote_profile(agent.url))
+    with pytest.raises(ModelError, match=r"agent at .*cannot run at input shape"):
+        b.measure_onnx(symbolic_channels(conv_onnx(tmp_path / "m.onnx")), (1, 5, 8, 8))
+    assert_still_serving(agent)
+
+
 def test_wrong_token_is_rejected(agent, tmp_path):
     b = RemoteBackend(remote_profile(agent.url, token="wrong"))
     with pytest.raises(BackendUnavailable, match=r"agent at http://127\.0\.0\.1:\d+ rejected the token") as e:
@@ -129,6 +137,26 @@ def test_garbage_hash_mismatch_and_path_tricks_are_refused(agent, tmp_path):
     assert_still_serving(agent)
     # and it still measures
     assert RemoteBackend(remote_profile(agent.url)).measure_onnx(str(tmp_path / "m.onnx"), (1, 3, 8, 8)).n >= 5
+
+
+def test_model_with_external_data_outside_the_store_is_refused(agent):
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "/etc/hostname"), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [w],
+    )
+    data = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    status, resp = raw(agent, "PUT", f"/models/{hashlib.sha256(data).hexdigest()}", data)
+    assert status == 400 and "not an ONNX model" in resp["error"]
+    assert_still_serving(agent)
 
 
 def test_stalled_request_times_out_and_agent_keeps_serving(agent):

@@ -61,6 +61,21 @@ def test_fixed_batch_model_mismatch_is_a_model_error(tmp_path):
         OnnxRuntimeBackend(profile(batch_size=4)).measure_onnx(p, (1, 3, 8, 8))
 
 
+def symbolic_channels(path):
+    m = onnx.load(path)
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    onnx.save(m, path)
+    return path
+
+
+def test_wrong_input_shape_is_a_model_error(tmp_path):
+    p = conv_onnx(tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match=r"does not fit"):
+        OnnxRuntimeBackend(profile()).measure_onnx(p, (1, 5, 8, 8))
+    with pytest.raises(ModelError, match=r"cannot run at input shape \[1, 5, 8, 8\]"):
+        OnnxRuntimeBackend(profile()).measure_onnx(symbolic_channels(p), (1, 5, 8, 8))
+
+
 def test_io_binding_path_runs_on_cpu(tmp_path):
     b = OnnxRuntimeBackend(profile(threads=1, io_binding=True))
     assert b.io_binding

@@ -244,9 +244,13 @@ class OnnxRuntimeBackend:
                 raise ModelError(f"model input {inp.name!r} has type {inp.type}, which hwprune cannot feed")
             if i == 0:
                 declared = inp.shape
-                if len(declared) != len(shape) or any(
-                    isinstance(d, int) and d > 0 and d != s for d, s in zip(declared, shape)
-                ):
+                fixed = lambda d, s: isinstance(d, int) and d > 0 and d != s  # noqa: E731
+                if len(declared) != len(shape) or any(fixed(d, s) for d, s in zip(declared[1:], shape[1:])):
+                    raise ModelError(
+                        f"model input {inp.name!r} has shape {declared}, which input shape {list(shape)} does not "
+                        f"fit; give the shape the model was exported with"
+                    )
+                if fixed(declared[0], shape[0]):
                     raise ModelError(
                         f"model input {inp.name!r} has shape {declared}, but profile {self.profile.name!r} measures "
                         f"{list(shape)}; export with a dynamic batch axis or set batch_size to match"
@@ -285,6 +289,20 @@ class OnnxRuntimeBackend:
 
         return run
 
+    def checked_runner(self, onnx_path: str, input_shape: Sequence[int]):
+        """``runner`` for a file, after one trial run: a model that cannot run at this shape is a ModelError
+        here, not an anonymous ONNX Runtime failure in the middle of timing."""
+        run = self.runner(self._cached_session(onnx_path), input_shape)
+        try:
+            run()
+        except Exception as e:  # ORT raises its own exception types
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ModelError(
+                f"{os.path.basename(str(onnx_path))} cannot run at input shape "
+                f"{list(batched_shape(self.profile, input_shape))} on {self.provider}: {msg}; check the input shape"
+            ) from e
+        return run
+
     # -- interface -----------------------------------------------------------------------------------------------
 
     def fingerprint(self) -> Dict[str, Any]:
@@ -305,13 +323,12 @@ class OnnxRuntimeBackend:
         return environment_fingerprint(**extra)
 
     def measure_onnx(self, onnx_path: str, input_shape: Sequence[int]) -> LatencyStats:
-        sess = self._cached_session(onnx_path)
-        return measure(self.runner(sess, input_shape), self.profile.measure)
+        return measure(self.checked_runner(onnx_path, input_shape), self.profile.measure)
 
     def measure_onnx_pair(self, candidate_path: str, reference_path: str, input_shape: Sequence[int]) -> PairedLatency:
         """Candidate and reference timed alternately in the same window; see ``measure_interleaved``."""
-        cand = self.runner(self._cached_session(candidate_path), input_shape)
-        ref = self.runner(self._cached_session(reference_path), input_shape)
+        cand = self.checked_runner(candidate_path, input_shape)
+        ref = self.checked_runner(reference_path, input_shape)
         return measure_interleaved(cand, ref, self.profile.measure)
 
 
