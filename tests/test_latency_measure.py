@@ -156,6 +156,8 @@ def test_pair_roundtrip_through_dict():
     p = pair_from_samples([2.0, 2.2, 1.8], [1.0, 1.1, 0.9])
     q = PairedLatency.from_dict(p.to_dict(with_samples=True))
     assert q == p
+    cand, ref = p
+    assert cand.median_ms == pytest.approx(2.0) and ref.median_ms == pytest.approx(1.0)
     seq = pair_from_samples([2.0], [1.0], interleaved=False)
     assert not seq.interleaved and seq.ratio == 2.0 and math.isnan(seq.pair_ratio_ci_low)
 

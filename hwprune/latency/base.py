@@ -57,6 +57,10 @@ class PairedLatency:
     pair_ratio_ci_high: float
     interleaved: bool = True  # False when the backend could only measure the two one after the other
 
+    def __iter__(self):
+        """``cand, ref = pair`` unpacks the two statistics."""
+        return iter((self.candidate, self.reference))
+
     def to_dict(self, with_samples: bool = False) -> Dict[str, Any]:
         return {
             "candidate": self.candidate.to_dict(with_samples),
@@ -94,7 +98,13 @@ class MeasureSettings:
 
 
 class LatencyBackend(Protocol):
-    """What a device profile's backend provides."""
+    """What a device profile's backend provides.
+
+    Optional, used when present: ``input_kind`` ("onnx" by default, "torch" for backends that time PyTorch
+    modules with ``measure_module(module, input_shape)`` and ``measure_module_pair(module, reference, shape)``),
+    and ``measure_onnx_pair(candidate_path, reference_path, input_shape) -> PairedLatency`` (interleaved timing).
+    Backends set the batch dimension of ``input_shape`` to the profile's ``batch_size`` (``batched_shape``).
+    """
 
     name: str
 

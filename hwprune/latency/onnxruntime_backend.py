@@ -306,6 +306,12 @@ class OnnxRuntimeBackend:
     # -- interface -----------------------------------------------------------------------------------------------
 
     def fingerprint(self) -> Dict[str, Any]:
+        """Computed once per backend (it may run nvidia-smi); a copy is returned."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._make_fingerprint()
+        return dict(self._fingerprint)
+
+    def _make_fingerprint(self) -> Dict[str, Any]:
         extra: Dict[str, Any] = {
             "backend": self.name,
             "onnxruntime": self._ort.__version__,

@@ -175,6 +175,12 @@ class TorchBackend:
     # -- interface -----------------------------------------------------------------------------------------------
 
     def fingerprint(self) -> Dict[str, Any]:
+        """Computed once per backend (it may run nvidia-smi); a copy is returned."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._make_fingerprint()
+        return dict(self._fingerprint)
+
+    def _make_fingerprint(self) -> Dict[str, Any]:
         torch = self._torch
         extra: Dict[str, Any] = {
             "backend": self.name,
