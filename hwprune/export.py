@@ -1,7 +1,6 @@
 """Writing a model out: ONNX (what devices run) and the PyTorch module (what users fine-tune further)."""
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Sequence

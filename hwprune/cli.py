@@ -1,0 +1,307 @@
+"""Command line: thin commands over the Python API. Errors are one line and a non-zero exit; ``--debug`` shows
+the traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from hwprune.errors import HwpruneError, RunError
+
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") -> None:
+    p.add_argument("--model", required=True, help="demo | torchvision:NAME | FILE.pt | package.module:factory")
+    p.add_argument("--weights", help="state_dict file for torchvision:NAME, package.module:factory or demo")
+    p.add_argument("--data", default=data_default,
+                   help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | none (default {data_default})")
+    p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
+    p.add_argument("--image-size", type=int, help="resize images of imagefolder/torchvision data to this size")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _workload(args, space: str, run_dir: Optional[Path] = None):
+    from hwprune.workload import build_workload, parse_shape
+
+    shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
+    return build_workload(args.model, args.data, space, weights=args.weights, input_shape=shape,
+                          run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log)
+
+
+# --------------------------------------------------------------------------------------------------- search
+
+def cmd_search(args) -> int:
+    from hwprune.config import load_profiles
+    from hwprune.results import write_results
+    from hwprune.search import SearchConfig, run_search
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profiles = load_profiles(args.profile or ["cpu"])
+    workload = _workload(args, args.search_space, run_dir=out)
+    _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
+         f"profiles {', '.join(p.name for p in profiles)}")
+    cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
+                       budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
+                       sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
+                       progress=not args.no_progress)
+    interrupted = False
+    study = None
+    try:
+        study = run_search(workload, profiles, cfg, log=_log)
+    except KeyboardInterrupt:
+        interrupted = True
+        _log("interrupted: finished trials are kept in the study; writing results of what finished")
+    if study is None:
+        from hwprune.search import objective_names, open_study
+
+        study = open_study(cfg, objective_names(workload, profiles, cfg.macs_objective), load_only=True)
+    tables = write_results(study, workload, out, export=not args.no_export, log=_log)
+    _print_summary(tables, out)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _print_summary(tables, out: Path) -> None:
+    df, front = tables["trials"], tables["pareto"]
+    counts = df.state.value_counts().to_dict()
+    print(f"{len(df)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+          f"{len(front)} on the Pareto front; results in {out}")
+    if not front.empty:
+        cols = [c for c in ["trial", "accuracy", "macs"] if c in front.columns]
+        cols += [c for c in front.columns if c.startswith(("latency_ms:", "speedup:"))]
+        print(front[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    failed = df[df.state == "fail"]
+    for _, r in failed.iterrows():
+        print(f"trial {r.trial} failed: {r.reason}")
+
+
+# -------------------------------------------------------------------------------------------------- profile
+
+def cmd_profile(args) -> int:
+    import tempfile
+
+    from hwprune.config import load_profiles, load_search_space
+    from hwprune.costs import measure_costs
+    from hwprune.export import to_onnx
+    from hwprune.latency import make_backend
+    from hwprune.latency.base import measure_candidate
+
+    profiles = load_profiles(args.profile or ["cpu"])
+    workload = _workload(args, args.search_space, run_dir=Path(args.run_dir))
+    costs = measure_costs(workload.model, workload.example_input)
+    report = {"model": args.model, "input_shape": list(workload.input_shape), **costs.to_dict(), "profiles": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in profiles:
+            backend = make_backend(p)
+            shape = (p.batch_size, *workload.input_shape)
+            onnx_path = to_onnx(workload.model, shape, Path(tmp) / f"model-b{p.batch_size}.onnx")
+            stats = measure_candidate(backend, str(onnx_path), workload.model, shape)
+            entry = {"latency": stats.to_dict(), "fingerprint": backend.fingerprint()}
+            if hasattr(backend, "session") and not args.no_layers:
+                from hwprune.layer_profile import ort_layer_breakdown
+
+                entry["layers"] = ort_layer_breakdown(backend, str(onnx_path), shape)
+            report["profiles"][p.name] = entry
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}  input {tuple(workload.input_shape)}  MACs {costs.macs / 1e6:.2f} M  "
+          f"params {costs.params / 1e6:.3f} M  bytes {costs.bytes / 1e6:.2f} MB")
+    for name, e in report["profiles"].items():
+        s = e["latency"]
+        print(f"[{name}] latency median {s['median_ms']:.3f} ms  p10 {s['p10_ms']:.3f}  p90 {s['p90_ms']:.3f}  "
+              f"CV {100 * s['cv']:.1f}%  n {s['n']}")
+        for r in e.get("layers", [])[: args.top]:
+            print(f"    {r['mean_ms']:8.4f} ms  {100 * r['share']:5.1f}%  {r['op_type']:<18} {r['node']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- prune
+
+def cmd_prune(args) -> int:
+    from hwprune.config import load_profiles
+    from hwprune.export import save_torch, to_onnx
+    from hwprune.trial import LatencyMeter, run_trial
+
+    out = Path(args.out)
+    workload = _workload(args, args.search_space, run_dir=out)
+    if not 0.0 <= args.ratio < 1.0:
+        raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
+    meter = LatencyMeter(load_profiles(args.profile or ["cpu"]))
+    plan = workload.uniform_plan(args.ratio)
+    outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
+    for f in out.glob("model-b*.onnx"):
+        f.unlink()
+    to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+    save_torch(model, out / "model.pt")
+    m = outcome.metrics()
+    acc = f"accuracy {m['accuracy']:.4f}  " if m["accuracy"] is not None else ""
+    lats = "  ".join(f"{k.split(':', 1)[1]} {v:.3f} ms" for k, v in m.items() if k.startswith("latency_ms:"))
+    print(f"pruned {args.ratio:g} of every group: {acc}MACs {m['macs'] / 1e6:.2f} M  params {m['params']}  {lats}")
+    print(f"wrote {out / 'model.onnx'}, {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'plan.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+def cmd_export(args) -> int:
+    import optuna
+
+    from hwprune.results import export_trial, objective_columns, pareto_frame, trials_frame
+    from hwprune.search import SearchConfig, open_study
+    from hwprune.workload import build_workload
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise RunError(f"run directory {args.run!r} does not exist; give the --out of a hwprune search")
+    cfg = SearchConfig(out_dir=run, storage=args.storage, study_name=args.study)
+    if args.storage is None and not (run / "study.db").is_file():
+        raise RunError(f"{run} has no study.db; give --storage URL if the search used another storage")
+    study = open_study(cfg, [], load_only=True)
+    a = study.user_attrs
+    workload = build_workload(a["model"], a["data"], a["search_space"], weights=a.get("weights"),
+                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log)
+    df = trials_frame(study)
+    if args.trial is not None:
+        rows = df[df.trial == args.trial]
+        if rows.empty or rows.iloc[0].state not in ("complete", "infeasible"):
+            have = ", ".join(str(t) for t in df[df.state == "complete"].trial.tolist()[:20])
+            raise RunError(f"trial {args.trial} is not a finished trial of {run}; finished trials: {have}")
+    else:
+        front = pareto_frame(df, objective_columns(study))
+        rows = front
+        if args.best_under_ms is not None:
+            prof = args.budget_profile or a.get("budget_profile")
+            col = f"latency_ms:{prof}"
+            rows = front[front[col] <= args.best_under_ms]
+            if rows.empty:
+                best = front[col].min() if not front.empty else float("nan")
+                raise RunError(f"no Pareto-optimal trial is under {args.best_under_ms:g} ms on {prof} "
+                               f"(fastest: {best:.3f} ms); raise the limit or search longer")
+            rows = rows.sort_values(objective_columns(study)[0], ascending=False).head(1)
+    out = Path(args.out) if args.out else run / "models"
+    for _, row in rows.iterrows():
+        dest = out / f"trial-{int(row.trial)}"
+        export_trial(workload, run, row, dest)
+        print(f"exported trial {int(row.trial)} to {dest}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- structures
+
+def cmd_structures(args) -> int:
+    from hwprune.config import load_profiles
+    from hwprune.structures import structures_table
+
+    print(structures_table(load_profiles(args.profile or ["cpu"]), measure=args.measure))
+    return 0
+
+
+def cmd_agent(argv: List[str]) -> int:
+    from hwprune.latency.agent import main as agent_main
+
+    return agent_main(argv) or 0
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hwprune", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="search pruning plans; write trials, the Pareto front and its models")
+    _add_model_args(s)
+    s.add_argument("--search-space", default="demo", help="a file in search_spaces/ by stem, or a YAML path")
+    s.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
+    s.add_argument("--trials", type=int, default=30, help="finished trials wanted in the study (resumes up to it)")
+    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--latency-budget-ms", type=float, help="latency budget on the budget profile (a constraint)")
+    s.add_argument("--budget-profile", help="profile the budget applies to (default: the first)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
+    s.add_argument("--study", default="hwprune", help="study name; rerun with the same name to resume")
+    s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"])
+    s.add_argument("--macs-objective", action="store_true", help="also minimise MACs")
+    s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("profile", help="latency (median, spread), MACs, params and per-layer time of a model")
+    _add_model_args(p, data_default="none")
+    p.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
+    p.add_argument("--search-space", default="filters", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", default=".", help="where the demo model is cached (default: .)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--top", type=int, default=10, help="layers shown in the breakdown")
+    p.set_defaults(func=cmd_profile)
+
+    q = sub.add_parser("prune", help="apply one uniform ratio to every group and export it like a trial")
+    _add_model_args(q, data_default="none")
+    q.add_argument("--search-space", default="filters")
+    q.add_argument("--ratio", type=float, required=True, help="fraction of every group's channels removed")
+    q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
+    q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("export", help="rebuild trials of a run from their plans and write model files")
+    e.add_argument("--run", required=True, help="run directory of a search")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--trial", type=int)
+    g.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
+    g.add_argument("--best-under-ms", type=float, help="the most accurate Pareto trial under this latency")
+    e.add_argument("--budget-profile", help="profile for --best-under-ms (default: the run's budget profile)")
+    e.add_argument("--out", help="output directory (default: RUN/models)")
+    e.add_argument("--storage")
+    e.add_argument("--study", default="hwprune")
+    e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("structures", help="the sparse-structure catalog and which structures speed up each profile")
+    t.add_argument("--profile", action="append")
+    t.add_argument("--measure", action="store_true", help="measure a representative layer per structure")
+    t.set_defaults(func=cmd_structures)
+
+    sub.add_parser("agent", help="serve latency measurements on this device (see hwprune agent --help)",
+                   add_help=False)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if argv and argv[0] == "agent" or argv[:2] == ["--debug", "agent"]:
+        return cmd_agent(argv[argv.index("agent") + 1:])
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.func(args)
+    except HwpruneError as e:
+        if debug:
+            raise
+        print(f"hwprune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hwprune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug or an unexpected library failure: still one line unless --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"hwprune: error: {type(e).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Results of a run: the trials table, the Pareto front, the plot, and exported models.
+
+Everything is read back from the Optuna study, so the same functions serve a finished run, an interrupted one,
+and a study shared by several workers.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+
+from hwprune.errors import RunError
+from hwprune.export import save_torch, to_onnx
+from hwprune.plan import PruningPlan, replay_plan
+from hwprune.workload import Workload
+
+LAT_PREFIX = "latency_ms:"
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: plan, objectives, latency per profile with spread, costs, feasibility, state."""
+    rows = []
+    for t in study.trials:
+        m = t.user_attrs.get("metrics", {})
+        state = t.state.name.lower()
+        if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("feasible", True):
+            state = "infeasible"
+        row = {
+            "trial": t.number,
+            "state": state,
+            "role": t.user_attrs.get("role", "candidate"),
+            "plan_summary": m.get("plan", ""),
+            "accuracy": m.get("accuracy"),
+            "macs": m.get("macs"),
+            "params": m.get("params"),
+            "bytes": m.get("bytes"),
+            "feasible": bool(t.user_attrs.get("feasible", False)) if t.state.is_finished() else None,
+            "reason": t.user_attrs.get("reason", ""),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "plan": t.user_attrs.get("plan", ""),
+        }
+        for k, v in m.items():
+            if k.startswith(("latency_", "seconds:")):
+                row[k] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    dense = df[(df.role == "dense") & (df.state == "complete")]
+    if not dense.empty:
+        d = dense.iloc[0]
+        for c in [c for c in df.columns if c.startswith(LAT_PREFIX)]:
+            df["speedup:" + c[len(LAT_PREFIX):]] = d[c] / df[c]
+        if d["macs"]:
+            df["macs_reduction"] = d["macs"] / df["macs"]
+    return df
+
+
+def objective_columns(study: optuna.Study) -> List[str]:
+    names = list(study.user_attrs.get("objectives", []))
+    return [("macs" if n == "macs_kept" else n) for n in names]
+
+
+def pareto_frame(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
+    """Feasible, completed trials that no other such trial dominates (accuracy/MACs-kept up, the rest down)."""
+    if df.empty:
+        return df
+    ok = df[(df.state == "complete") & (df.feasible == True)].copy()  # noqa: E712
+    if ok.empty:
+        return ok
+    # The first objective (accuracy, or MACs kept without data) is maximised; every other one is minimised.
+    sign = np.array([-1.0] + [1.0] * (len(objectives) - 1))
+    vals = ok[list(objectives)].to_numpy(dtype=float) * sign  # all minimised
+    keep = []
+    for i in range(len(vals)):
+        dominated = np.any(np.all(vals <= vals[i], axis=1) & np.any(vals < vals[i], axis=1))
+        keep.append(not dominated)
+    front = ok[np.array(keep)]
+    return front.sort_values(objectives[1] if len(objectives) > 1 else objectives[0])
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], path: Path,
+                budget_ms: Optional[float] = None, budget_profile: Optional[str] = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = objectives[0]
+    x = budget_profile and f"{LAT_PREFIX}{budget_profile}" in df.columns and f"{LAT_PREFIX}{budget_profile}"
+    x = x or next(o for o in objectives if o.startswith(LAT_PREFIX))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = df[df.state == "complete"]
+    feas = done[done.feasible == True]  # noqa: E712
+    infeas = df[df.state == "infeasible"]
+    ax.scatter(feas[x], feas[y], s=18, c="#9ab", label="trials")
+    if not infeas.empty:
+        ax.scatter(infeas[x], [feas[y].min() if not feas.empty else 0] * len(infeas), marker="x", c="#c44",
+                   s=18, label="over budget (not trained)")
+    if not front.empty:
+        f = front.sort_values(x)
+        ax.plot(f[x], f[y], "-o", c="#16a", ms=5, label="Pareto front")
+    dense = done[done.role == "dense"]
+    if not dense.empty:
+        ax.scatter(dense[x], dense[y], marker="*", s=220, c="#e80", edgecolors="k", zorder=5, label="dense")
+    if budget_ms is not None:
+        ax.axvline(budget_ms, ls="--", c="#c44", label=f"budget {budget_ms:g} ms")
+    ax.set_xlabel(f"latency (ms, median) on {x[len(LAT_PREFIX):]}")
+    ax.set_ylabel("validation accuracy" if y == "accuracy" else "MACs kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def rebuild_model(workload: Workload, plan: PruningPlan, weights_path: Optional[Path]) -> torch.nn.Module:
+    """The trial's model from its stored plan, with its recovered weights where the trial saved them."""
+    model = replay_plan(workload.model, plan, workload.example_input)
+    if weights_path is not None and Path(weights_path).is_file():
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Path,
+                 batch_size: int = 1) -> Path:
+    """Write ``model.onnx``, ``model.pt`` (whole pruned module) and ``metrics.json`` for one trial."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = PruningPlan.from_json(row["plan"])
+    weights = Path(run_dir) / "trials" / f"trial-{int(row['trial'])}" / "state_dict.pt"
+    model = rebuild_model(workload, plan, weights)
+    to_onnx(model, (batch_size, *workload.input_shape), out_dir / "model.onnx")
+    save_torch(model, out_dir / "model.pt")
+    metrics = {k: _jsonable(v) for k, v in row.items() if k != "plan"}
+    metrics["plan"] = json.loads(row["plan"])
+    metrics["input_shape"] = [batch_size, *workload.input_shape]
+    metrics["weights"] = "recovered (fine-tuned)" if weights.is_file() else "pruned from the dense weights, no recovery"
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return out_dir
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    return v
+
+
+def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export: bool = True,
+                  log=print) -> Dict[str, pd.DataFrame]:
+    """trials.csv, pareto.csv, pareto.png and models/trial-N/ for every Pareto-optimal trial."""
+    run_dir = Path(run_dir)
+    df = trials_frame(study)
+    if df.empty:
+        raise RunError(f"study {study.study_name!r} has no trials yet; run hwprune search first")
+    objectives = objective_columns(study)
+    front = pareto_frame(df, objectives)
+    df.to_csv(run_dir / "trials.csv", index=False)
+    front.to_csv(run_dir / "pareto.csv", index=False)
+    budget = study.user_attrs.get("latency_budget_ms")
+    if not front.empty or not df[df.state == "complete"].empty:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plot_pareto(df, front, objectives, run_dir / "pareto.png", budget, study.user_attrs.get("budget_profile"))
+    if export:
+        for _, row in front.iterrows():
+            export_trial(workload, run_dir, row, run_dir / "models" / f"trial-{int(row['trial'])}")
+    return {"trials": df, "pareto": front}
+
+
+def load_results(run_dir: Path) -> Dict[str, pd.DataFrame]:
+    """The trials and Pareto tables of a run directory as DataFrames (the Python API's view of a run)."""
+    run_dir = Path(run_dir)
+    out = {}
+    for name in ("trials", "pareto"):
+        p = run_dir / f"{name}.csv"
+        if not p.is_file():
+            raise RunError(f"{p} does not exist; is {run_dir} a hwprune run directory (hwprune search --out)?")
+        out[name] = pd.read_csv(p)
+    return out
