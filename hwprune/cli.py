@@ -136,11 +136,14 @@ def cmd_prune(args) -> int:
     workload = _workload(args, args.search_space, run_dir=out)
     if not 0.0 <= args.ratio < 1.0:
         raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
-    meter = LatencyMeter(load_profiles(args.profile or ["cpu"]))
+    meter = LatencyMeter(load_profiles(args.profile or ["cpu"]), workload.model, workload.input_shape, out,
+                         cache=False)
     plan = workload.uniform_plan(args.ratio)
     outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
-    for f in out.glob("model-b*.onnx"):
+    for f in list(out.glob("model-b*.onnx")) + list(out.glob("reference/*.onnx")):
         f.unlink()
+    if (out / "reference").is_dir():
+        (out / "reference").rmdir()
     to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
     save_torch(model, out / "model.pt")
     m = outcome.metrics()

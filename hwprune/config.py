@@ -39,6 +39,17 @@ class RecoveryBudget:
 
 
 @dataclass(frozen=True)
+class StructureChoices:
+    """Per-layer structures beyond filter/channel pruning (the sparse-structure catalog), searched per layer."""
+
+    layers: Tuple[str, ...] = ()  # glob patterns on module names of the layers that may take a structure
+    allowed: Tuple[str, ...] = ()  # structure names offered (filtered by what the target profiles accelerate)
+    ratios: Tuple[float, ...] = (0.0, 0.5, 0.75)
+    explore_all: bool = False  # also offer structures no target accelerates (size-only goals)
+    importance: str = "l1"  # l1 | l2 | block_mean | bn
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     prunable: Tuple[str, ...] = ("*",)  # glob patterns on module names (roots of dependency groups)
@@ -46,7 +57,7 @@ class SearchSpace:
     ratios: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     round_to: Optional[int] = 8
     importance: str = "l1"
-    structures: Dict[str, Any] = field(default_factory=dict)  # per-layer structures beyond filters (optional)
+    structures: StructureChoices = field(default_factory=StructureChoices)
     recovery: RecoveryBudget = field(default_factory=RecoveryBudget)
     description: str = ""
     source: Optional[str] = None
@@ -57,14 +68,21 @@ class SearchSpace:
             fnmatch.fnmatchcase(module_name, p) for p in self.ignore
         )
 
-    def check_patterns(self, module_names: Sequence[str]) -> None:
-        """A pattern that matches no layer of the model is an error (it is almost always a typo)."""
-        for key, patterns in (("prunable", self.prunable), ("ignore", self.ignore)):
+    def structure_layers(self, module_names: Sequence[str]) -> List[str]:
+        """Layers that may take a per-layer structure from the catalog."""
+        return [n for n in module_names if any(fnmatch.fnmatchcase(n, p) for p in self.structures.layers)]
+
+    def check_patterns(self, module_names: Sequence[str], all_names: Optional[Sequence[str]] = None) -> None:
+        """A pattern that matches no layer of the model is an error (it is almost always a typo). ``prunable`` and
+        ``ignore`` match conv/linear layers (``module_names``); ``structures.layers`` any module (blocks too)."""
+        checks = (("prunable", self.prunable, module_names), ("ignore", self.ignore, module_names),
+                  ("structures.layers", self.structures.layers, all_names or module_names))
+        for key, patterns, names in checks:
             for p in patterns:
-                if not any(fnmatch.fnmatchcase(n, p) for n in module_names):
-                    shown = ", ".join(module_names[:12]) + (" ..." if len(module_names) > 12 else "")
+                if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                    shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
                     raise ConfigError(
-                        f"{self.source or self.name}: {key} pattern {p!r} matches no prunable layer of the model; "
+                        f"{self.source or self.name}: {key} pattern {p!r} matches no layer of the model; "
                         f"layers are: {shown}"
                     )
 
@@ -183,10 +201,7 @@ def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> Searc
     if "importance" in data:
         kw["importance"] = _choice(f"{source}: importance", data["importance"], IMPORTANCE_CRITERIA)
     if "structures" in data:
-        st = data["structures"] or {}
-        if not isinstance(st, dict):
-            raise ConfigError(f"{source}: structures: expected a mapping, got {st!r}")
-        kw["structures"] = dict(st)
+        kw["structures"] = _parse_structures(data["structures"] or {}, source)
     if "recovery" in data:
         rec = data["recovery"] or {}
         if not isinstance(rec, dict):
@@ -200,6 +215,37 @@ def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> Searc
             _choice(f"{source}: recovery.optimizer", rkw["optimizer"], OPTIMIZERS)
         kw["recovery"] = RecoveryBudget(**rkw)
     return SearchSpace(**kw)
+
+
+def _parse_structures(st: Any, source: str) -> StructureChoices:
+    from hwprune.structures import structure_names
+
+    where = f"{source}: structures"
+    if not isinstance(st, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {st!r}")
+    _check_keys(where, st, ("layers", "allowed", "ratios", "explore_all", "importance"))
+    kw: Dict[str, Any] = {}
+    if "layers" in st:
+        kw["layers"] = _patterns(f"{where}.layers", st["layers"])
+    # filter/channel are searched per dependency group (the top-level ratios); here only the per-layer catalog.
+    names = [n for n in structure_names() if n not in ("filter", "channel")]
+    allowed = st.get("allowed", [])
+    if not isinstance(allowed, list) or not allowed:
+        raise ConfigError(f"{where}.allowed: expected a non-empty list of structures from: {', '.join(names)}")
+    kw["allowed"] = tuple(_choice(f"{where}.allowed[{i}]", a, names) for i, a in enumerate(allowed))
+    if "ratios" in st:
+        r = st["ratios"]
+        if not isinstance(r, list) or not r:
+            raise ConfigError(f"{where}.ratios: expected a non-empty list of numbers in [0, 1), got {r!r}")
+        kw["ratios"] = tuple(sorted({_typed(f"{where}.ratios[{i}]", v, float, minimum=0.0, maximum=0.99)
+                                     for i, v in enumerate(r)}))
+    if "explore_all" in st:
+        kw["explore_all"] = _typed(f"{where}.explore_all", st["explore_all"], bool)
+    if "importance" in st:
+        kw["importance"] = _choice(f"{where}.importance", st["importance"], ("l1", "l2", "block_mean", "bn"))
+    if kw.get("allowed") and not kw.get("layers"):
+        raise ConfigError(f"{where}.layers: give glob patterns of the layers that may take these structures")
+    return StructureChoices(**kw)
 
 
 def load_search_space(ref: str) -> SearchSpace:

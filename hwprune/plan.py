@@ -20,13 +20,16 @@ class PruningPlan:
     criterion: str = "l1"
     round_to: Optional[int] = None
     ignored: List[str] = field(default_factory=list)  # modules whose output channels are never removed
-    structures: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-layer non-filter structures
+    structures: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # layer -> {structure, ratio, params}
+    structure_importance: str = "l1"
     history: List[list] = field(default_factory=list)  # torch-pruning history, filled when the plan is applied
     version: int = PLAN_VERSION
 
     @property
     def is_dense(self) -> bool:
-        return all(r == 0 for r in self.ratios.values()) and not self.structures
+        return all(r == 0 for r in self.ratios.values()) and all(
+            s.get("ratio", 0) == 0 for s in self.structures.values()
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -43,7 +46,10 @@ class PruningPlan:
         if not pruned and not self.structures:
             return "dense"
         parts = [f"{k}={v:g}" for k, v in pruned.items()]
-        parts += [f"{k}:{s.get('structure')}={s.get('ratio', 0):g}" for k, s in self.structures.items()]
+        parts += [f"{k}:{s.get('structure')}={s.get('ratio', 0):g}" for k, s in self.structures.items()
+                  if s.get("ratio", 0) > 0]
+        if not parts:
+            return "dense"
         return " ".join(parts)
 
 
@@ -52,28 +58,31 @@ def apply_plan(
     plan: PruningPlan,
     example_input: torch.Tensor,
     calibration: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Tuple[nn.Module, PruningPlan]:
-    """A new, physically smaller model (the input model is untouched) and the plan with its history recorded."""
+) -> Tuple[nn.Module, PruningPlan, list]:
+    """A new, physically smaller model (the input model is untouched), the plan with its history recorded, and
+    one report per layer that took a catalog structure (its executed form, format, effective MACs and bytes)."""
     pruned, history = graph.prune_groups(
         model, example_input, plan.ratios, plan.criterion, plan.round_to, plan.ignored, calibration
     )
     plan = PruningPlan(**{**asdict(plan), "history": history})
-    pruned = _apply_structures(pruned, plan)
-    return pruned, plan
+    pruned, reports = _apply_structures(pruned, plan, example_input)
+    return pruned, plan, reports
 
 
 def replay_plan(model: nn.Module, plan: PruningPlan, example_input: torch.Tensor) -> nn.Module:
     """Rebuild a plan's model exactly from its recorded history (same channels kept, same weights)."""
     if plan.history or all(r == 0 for r in plan.ratios.values()):
         pruned = graph.replay(model, example_input, plan.history)
-        return _apply_structures(pruned, plan)
+        return _apply_structures(pruned, plan, example_input)[0]
     return apply_plan(model, plan, example_input)[0]
 
 
-def _apply_structures(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    if not plan.structures:
-        return model
-    from hwprune.structures import apply_layer_structures  # the structure catalog (mask, strided, depth, ...)
+def _apply_structures(model: nn.Module, plan: PruningPlan, example_input: torch.Tensor) -> Tuple[nn.Module, list]:
+    specs = {k: s for k, s in plan.structures.items() if s.get("ratio", 0) > 0}
+    if not specs:
+        return model, []
+    from hwprune.structures import apply_layer_structures  # the catalog: masks, strided, depth, block, N:M, ...
 
-    model, _ = apply_layer_structures(model, plan.structures, criterion=plan.criterion)
-    return model
+    # Filter/channel pruning already happened through the dependency graph; these are the per-layer structures.
+    return apply_layer_structures(model, specs, criterion=plan.structure_importance, example_input=example_input,
+                                  physical="skip")

@@ -40,6 +40,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "macs": m.get("macs"),
             "params": m.get("params"),
             "bytes": m.get("bytes"),
+            "macs_effective": m.get("macs_effective"),
+            "bytes_deployed": m.get("bytes_deployed"),
             "feasible": bool(t.user_attrs.get("feasible", False)) if t.state.is_finished() else None,
             "reason": t.user_attrs.get("reason", ""),
             "duration_s": t.duration.total_seconds() if t.duration else None,
@@ -142,10 +144,39 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
     save_torch(model, out_dir / "model.pt")
     metrics = {k: _jsonable(v) for k, v in row.items() if k != "plan"}
     metrics["plan"] = json.loads(row["plan"])
+    trial_metrics = Path(run_dir) / "trials" / f"trial-{int(row['trial'])}" / "metrics.json"
+    reports = json.loads(trial_metrics.read_text()).get("structures", []) if trial_metrics.is_file() else []
+    if reports:
+        metrics["structures"] = reports
+        metrics["sparse_formats"] = write_sparse_weights(model, reports, out_dir / "sparse_weights.pt")
     metrics["input_shape"] = [batch_size, *workload.input_shape]
     metrics["weights"] = "recovered (fine-tuned)" if weights.is_file() else "pruned from the dense weights, no recovery"
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return out_dir
+
+
+def write_sparse_weights(model: torch.nn.Module, reports: List[dict], path: Path) -> Dict[str, str]:
+    """Mask-only structures keep dense (zeroed) weights in the ONNX file, because ONNX Runtime densifies sparse
+    initializers anyway; their deployable sparse form goes here: {layer: sparse tensor in the report's format}
+    (CSR or BSR via torch.sparse; N:M and unified blocks as COO values + indices). Returns {layer: format}."""
+    modules = dict(model.named_modules())
+    out, formats = {}, {}
+    for r in reports:
+        fmt, layer = r.get("format", "dense"), r.get("layer")
+        w = getattr(modules.get(layer), "weight", None)
+        if fmt == "dense" or w is None or w.layout != torch.strided:
+            continue
+        gemm = w.detach().reshape(w.shape[0], -1)
+        b = int(r.get("params", {}).get("block", 0) or 0)
+        if fmt == "bsr" and b and gemm.shape[0] % b == 0 and gemm.shape[1] % b == 0:
+            out[layer], formats[layer] = gemm.to_sparse_bsr((b, b)), "bsr"
+        elif fmt in ("csr", "bsr"):
+            out[layer], formats[layer] = gemm.to_sparse_csr(), "csr"
+        else:
+            out[layer], formats[layer] = gemm.to_sparse_coo().coalesce(), f"{fmt} (stored as coo)"
+    if out:
+        torch.save({"format": formats, "weights": out, "note": "GEMM view [out, in*kh*kw] of each layer's weight"}, path)
+    return formats
 
 
 def _jsonable(v):
@@ -173,6 +204,12 @@ def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export
             warnings.simplefilter("ignore")
             plot_pareto(df, front, objectives, run_dir / "pareto.png", budget, study.user_attrs.get("budget_profile"))
     if export:
+        import shutil
+
+        keep = {f"trial-{int(t)}" for t in front.trial}
+        for stale in (run_dir / "models").glob("trial-*"):  # from an earlier front of this run directory
+            if stale.name not in keep:
+                shutil.rmtree(stale)
         for _, row in front.iterrows():
             export_trial(workload, run_dir, row, run_dir / "models" / f"trial-{int(row['trial'])}")
     return {"trials": df, "pareto": front}

@@ -110,9 +110,28 @@ def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False)
     return study
 
 
-def plan_from_trial(workload: Workload, trial: optuna.Trial) -> PruningPlan:
+def offered_structures(workload: Workload, profiles: Sequence[DeviceProfile]) -> List[str]:
+    """The catalog structures a search offers: those some target profile accelerates, or every allowed one with
+    ``explore_all`` (size-only goals)."""
+    choices = workload.space.structures
+    if choices.explore_all:
+        return list(choices.allowed)
+    accelerated = {s for p in profiles for s in p.accelerates}
+    return [s for s in choices.allowed if s in accelerated]
+
+
+def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequence[str] = ()) -> PruningPlan:
     ratios = {g.name: trial.suggest_categorical(PARAM_PREFIX + g.name, list(workload.space.ratios)) for g in workload.groups}
-    return workload.plan(ratios)
+    plan = workload.plan(ratios)
+    if structures:
+        from hwprune.structures import suggest_layer
+
+        modules = dict(workload.model.named_modules())
+        for layer in workload.structure_layers:
+            spec = suggest_layer(trial, layer, modules[layer], list(structures), list(workload.space.structures.ratios))
+            if spec is not None and spec.get("ratio", 0) > 0:
+                plan.structures[layer] = spec
+    return plan
 
 
 def _values(outcome: TrialOutcome, names: Sequence[str], dense_macs: int) -> List[float]:
@@ -140,9 +159,9 @@ def check_budget(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, log
     from hwprune.plan import apply_plan
 
     smallest = workload.uniform_plan(max(workload.space.ratios))
-    model, _ = apply_plan(workload.model, smallest, workload.example_input, workload.calibration_batch())
+    model, _, _ = apply_plan(workload.model, smallest, workload.example_input, workload.calibration_batch())
     probe = Path(cfg.out_dir) / "budget-check"
-    lat = meter.measure(model, workload.input_shape, probe)[name]
+    lat = meter.measure(model, probe)[name]
     shutil.rmtree(probe, ignore_errors=True)
     log(f"budget check: the smallest plan in the space measures {lat.median_ms:.3f} ms on {name}")
     if lat.median_ms > cfg.latency_budget_ms:
@@ -165,7 +184,7 @@ def run_search(
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meter = LatencyMeter(profiles)
+    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
     names = objective_names(workload, profiles, cfg.macs_objective)
     study = open_study(cfg, names)
     if "objectives" not in study.user_attrs:
@@ -180,7 +199,17 @@ def run_search(
         study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
         study.set_user_attr("fingerprints", meter.fingerprints())
         study.set_user_attr("seed", cfg.seed)
+        study.set_user_attr("reference_ms", meter.reference_ms)
+    # Every worker and every resume scales its same-window ratios by the one reference latency of the study.
+    stored = study.user_attrs.get("reference_ms", {})
+    meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
     check_budget(workload, meter, cfg, log)
+    structures = offered_structures(workload, profiles) if workload.structure_layers else []
+    if workload.structure_layers:
+        dropped = sorted(set(workload.space.structures.allowed) - set(structures))
+        log(f"per-layer structures on {len(workload.structure_layers)} layers: {', '.join(structures) or 'none'}"
+            + (f" (not offered, no target accelerates them: {', '.join(dropped)}; set explore_all to search them)"
+               if dropped else ""))
 
     from hwprune.costs import count_macs
 
@@ -189,12 +218,14 @@ def run_search(
         study.enqueue_trial({PARAM_PREFIX + g.name: 0.0 for g in workload.groups}, user_attrs={"role": "dense"})
 
     def objective(trial: optuna.Trial) -> List[float]:
-        plan = plan_from_trial(workload, trial)
+        dense = trial.user_attrs.get("role") == "dense"
+        plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
         trial.set_user_attr("plan", plan.to_json())
         workdir = out / "trials" / f"trial-{trial.number}"
         try:
             outcome, _ = run_trial(
-                workload, plan, meter, workdir, cfg.latency_budget_ms, cfg.budget_profile, seed=cfg.seed
+                workload, plan, meter, workdir, cfg.latency_budget_ms, cfg.budget_profile, seed=cfg.seed,
+                evaluate_over_budget=dense,  # the baseline is always evaluated, within budget or not
             )
         except Exception as e:
             trial.set_user_attr("reason", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -204,7 +235,7 @@ def run_search(
                 onnx.unlink()
         trial.set_user_attr("plan", outcome.plan.to_json())  # now with the exact pruning history
         trial.set_user_attr("metrics", outcome.metrics())
-        trial.set_user_attr("latency", {k: v.to_dict() for k, v in outcome.latency.items()})
+        trial.set_user_attr("latency", {k: v.pair.to_dict() for k, v in outcome.latency.items()})
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("reason", outcome.reason)
         trial.set_user_attr("has_weights", (workdir / "state_dict.pt").is_file())

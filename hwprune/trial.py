@@ -14,45 +14,118 @@ import torch.nn as nn
 
 from hwprune.costs import Costs, measure_costs
 from hwprune.export import to_onnx
-from hwprune.latency import DeviceProfile, LatencyStats, make_backend
-from hwprune.latency.base import measure_candidate
+from hwprune.latency import (
+    DeviceProfile,
+    LatencyCache,
+    LatencyStats,
+    PairedLatency,
+    cached_measure,
+    cached_measure_pair,
+    make_backend,
+    onnx_architecture_hash,
+)
 from hwprune.plan import PruningPlan, apply_plan
 from hwprune.recover import evaluate, recover
 from hwprune.workload import Workload
 
 
 class LatencyMeter:
-    """Measures a model on every profile. Backends are created once (a profile whose backend is missing fails
-    here, before any trial runs)."""
+    """Measures candidates on every profile, each interleaved with the dense reference in the same time window.
 
-    def __init__(self, profiles: Sequence[DeviceProfile]):
+    A candidate's reported latency is drift-corrected: (candidate/reference ratio, measured in one window) x
+    (the reference's latency measured once when the meter was created). On a shared, noisy machine the ratio is
+    far more repeatable than any absolute figure; the raw candidate median is kept beside it. Results are cached
+    by ONNX architecture and device fingerprint, so a repeated architecture is measured once (across resumes too).
+    Backends are created here: a profile whose backend is missing fails before any trial runs.
+    """
+
+    def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module, input_shape: Sequence[int],
+                 workdir: Path, cache: bool = True):
         self.profiles = list(profiles)
         self.backends = {p.name: make_backend(p) for p in self.profiles}
+        self.input_shape = tuple(input_shape)
+        self.workdir = Path(workdir)
+        self.reference = reference
+        self.cache = LatencyCache(self.workdir / "latency_cache.sqlite") if cache else None
+        ref_dir = self.workdir / "reference"
+        self.reference_onnx = self._export(reference, ref_dir)
+        self.reference_ms = {p.name: self._reference_stats(p).median_ms for p in self.profiles}
+
+    def _export(self, model: nn.Module, workdir: Path) -> Dict[int, Path]:
+        out = {}
+        for p in self.profiles:
+            if p.batch_size not in out:
+                path = Path(workdir) / f"model-b{p.batch_size}.onnx"
+                out[p.batch_size] = to_onnx(model, (p.batch_size, *self.input_shape), path)
+        return out
+
+    def _shape(self, p: DeviceProfile):
+        return (p.batch_size, *self.input_shape)
+
+    def _reference_stats(self, p: DeviceProfile) -> LatencyStats:
+        path = str(self.reference_onnx[p.batch_size])
+        return cached_measure(self.cache, self.backends[p.name], path, self.reference, self._shape(p),
+                              model_hash=onnx_architecture_hash(path))
 
     def fingerprints(self) -> Dict[str, Dict[str, Any]]:
         return {name: b.fingerprint() for name, b in self.backends.items()}
 
-    def measure(self, model: nn.Module, input_shape: Sequence[int], workdir: Path) -> Dict[str, LatencyStats]:
-        """Latency per profile. One ONNX file per batch size in use, written under ``workdir``."""
-        out: Dict[str, LatencyStats] = {}
-        onnx_by_batch: Dict[int, Path] = {}
+    def measure(self, model: nn.Module, workdir: Path) -> Dict[str, "ProfileLatency"]:
+        onnx = self._export(model, workdir)
+        out = {}
         for p in self.profiles:
-            shape = (p.batch_size, *input_shape)
-            if p.batch_size not in onnx_by_batch:
-                onnx_by_batch[p.batch_size] = to_onnx(model, shape, Path(workdir) / f"model-b{p.batch_size}.onnx")
-            out[p.name] = measure_candidate(self.backends[p.name], str(onnx_by_batch[p.batch_size]), model, shape)
+            path, ref_path = str(onnx[p.batch_size]), str(self.reference_onnx[p.batch_size])
+            pair = cached_measure_pair(
+                self.cache, self.backends[p.name], path, model, ref_path, self.reference, self._shape(p),
+                model_hash=onnx_architecture_hash(path), reference_hash=onnx_architecture_hash(ref_path),
+            )
+            out[p.name] = ProfileLatency(pair, self.reference_ms[p.name])
         return out
+
+
+@dataclass(frozen=True)
+class ProfileLatency:
+    """A candidate's latency on one profile: the interleaved pair and the drift-corrected median."""
+
+    pair: PairedLatency
+    reference_ms: float  # the reference's median when the meter was created
+
+    @property
+    def ratio(self) -> float:
+        return self.pair.pair_ratio_median
+
+    @property
+    def median_ms(self) -> float:
+        """Drift-corrected latency: the same-window ratio to the reference times the reference's latency."""
+        return self.ratio * self.reference_ms
+
+    @property
+    def raw(self) -> LatencyStats:
+        return self.pair.candidate
 
 
 @dataclass
 class TrialOutcome:
     plan: PruningPlan
     costs: Costs
-    latency: Dict[str, LatencyStats]
+    latency: Dict[str, ProfileLatency]
     accuracy: Optional[float] = None
     feasible: bool = True
     reason: str = ""
     seconds: Dict[str, float] = field(default_factory=dict)
+    structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
+
+    @property
+    def macs_effective(self) -> int:
+        """MACs the executed forms really run: dense work minus what realized structures skip."""
+        saved = sum((r["macs_dense"] or 0) - (r["macs_effective"] or 0) for r in self.structures
+                    if r.get("macs_dense") is not None and r.get("macs_effective") is not None)
+        return int(self.costs.macs - saved)
+
+    @property
+    def bytes_deployed(self) -> int:
+        """Bytes with every structured layer stored in its deployed format (CSR, BSR, N:M, unified blocks)."""
+        return int(self.costs.bytes - sum(r["bytes_dense"] - r["bytes_deployed"] for r in self.structures))
 
     def metrics(self) -> Dict[str, Any]:
         """Flat, JSON-ready metrics (units in the names)."""
@@ -61,14 +134,21 @@ class TrialOutcome:
             "feasible": self.feasible,
             "reason": self.reason,
             **self.costs.to_dict(),
+            "macs_effective": self.macs_effective,
+            "bytes_deployed": self.bytes_deployed,
             "plan": self.plan.summary(),
         }
-        for name, s in self.latency.items():
-            m[f"latency_ms:{name}"] = s.median_ms
-            m[f"latency_p10_ms:{name}"] = s.p10_ms
-            m[f"latency_p90_ms:{name}"] = s.p90_ms
-            m[f"latency_cv:{name}"] = s.cv
-            m[f"latency_n:{name}"] = s.n
+        for name, lat in self.latency.items():
+            raw = lat.raw
+            m[f"latency_ms:{name}"] = lat.median_ms
+            m[f"latency_ratio:{name}"] = lat.ratio
+            m[f"latency_ratio_ci_low:{name}"] = lat.pair.pair_ratio_ci_low
+            m[f"latency_ratio_ci_high:{name}"] = lat.pair.pair_ratio_ci_high
+            m[f"latency_raw_ms:{name}"] = raw.median_ms
+            m[f"latency_p10_ms:{name}"] = raw.p10_ms
+            m[f"latency_p90_ms:{name}"] = raw.p90_ms
+            m[f"latency_cv:{name}"] = raw.cv
+            m[f"latency_n:{name}"] = raw.n
         m.update({f"seconds:{k}": v for k, v in self.seconds.items()})
         return m
 
@@ -82,30 +162,36 @@ def run_trial(
     budget_profile: Optional[str] = None,
     train: bool = True,
     seed: int = 0,
+    evaluate_over_budget: bool = False,
 ) -> "tuple[TrialOutcome, nn.Module]":
-    """Evaluate one plan. Returns the outcome and the (recovered) pruned model."""
+    """Evaluate one plan. Returns the outcome and the (recovered) pruned model. A plan over the latency budget
+    stops before any training, unless ``evaluate_over_budget`` (the dense baseline is always evaluated)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     calibration = workload.calibration_batch() if plan.criterion == "taylor" else None
-    model, plan = apply_plan(workload.model, plan, workload.example_input, calibration)
+    model, plan, reports = apply_plan(workload.model, plan, workload.example_input, calibration)
     (workdir / "plan.json").write_text(plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
-    latency = meter.measure(model, workload.input_shape, workdir)
+    latency = meter.measure(model, workdir)
     t2 = time.perf_counter()
-    outcome = TrialOutcome(plan, costs, latency, seconds={"prune": t1 - t0, "measure": t2 - t1})
+    outcome = TrialOutcome(plan, costs, latency, seconds={"prune": t1 - t0, "measure": t2 - t1},
+                           structures=[r.to_dict() for r in reports])
     if budget_ms is not None:
         name = budget_profile or meter.profiles[0].name
         if latency[name].median_ms > budget_ms:
             outcome.feasible = False
             outcome.reason = f"latency {latency[name].median_ms:.3f} ms on {name} exceeds the budget {budget_ms:g} ms"
-            return outcome, model
+            if not evaluate_over_budget:
+                return outcome, model
     if train and workload.data is not None:
         teacher = workload.model if workload.space.recovery.distill else None
         model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed)
         outcome.accuracy = evaluate(model, workload.data)
         outcome.seconds["recover"] = time.perf_counter() - t2
         torch.save(model.state_dict(), workdir / "state_dict.pt")
-    (workdir / "metrics.json").write_text(json.dumps(outcome.metrics(), indent=2, sort_keys=True))
+    (workdir / "metrics.json").write_text(
+        json.dumps({**outcome.metrics(), "structures": outcome.structures}, indent=2, sort_keys=True, default=str)
+    )
     return outcome, model

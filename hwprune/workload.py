@@ -27,6 +27,7 @@ class Workload:
     input_shape: Tuple[int, ...]  # one sample (C, H, W)
     groups: List[graph.PrunableGroup]  # the groups the space lets the search prune
     ignored: List[str]  # modules whose outputs are never removed (classifier + the space's ignore patterns)
+    structure_layers: List[str] = field(default_factory=list)  # layers that may take a catalog structure
     weights: Optional[str] = None
     data_ref: str = "none"
     extra: Dict[str, object] = field(default_factory=dict)
@@ -41,6 +42,7 @@ class Workload:
             criterion=self.space.importance,
             round_to=self.space.round_to,
             ignored=list(self.ignored),
+            structure_importance=self.space.structures.importance,
         )
 
     def uniform_plan(self, ratio: float) -> PruningPlan:
@@ -113,7 +115,8 @@ def build_workload(
         )
 
     layer_names = [n for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES)]
-    space.check_patterns(layer_names)
+    all_names = [n for n, _ in model.named_modules() if n]
+    space.check_patterns(layer_names, all_names)
     ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
     groups = [g for g in graph.list_groups(model, example, ignored) if space.matches(g.name)]
@@ -122,4 +125,5 @@ def build_workload(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
             f"narrow 'ignore'"
         )
-    return Workload(model_ref, model, data, space, input_shape, groups, ignored, weights, data_ref)
+    structure_layers = space.structure_layers(all_names)
+    return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref)
