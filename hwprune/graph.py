@@ -93,6 +93,20 @@ def _importance(criterion: str):
     raise ModelError(f"unknown importance criterion {criterion!r}; choose l1, l2, bn_scale, taylor or random")
 
 
+def _keep_at_least_round_to(module: nn.Module, ratio: float, round_to: Optional[int]) -> float:
+    """torch-pruning rounds the channels that remain *down* to a multiple of ``round_to``; when that gives 0 it
+    prunes nothing at all, so a larger ratio would leave a layer wider than a smaller one (8 channels, round_to 4:
+    ratio 0.5 keeps 4, ratio 0.6 kept all 8). Ask instead for exactly ``round_to`` channels to remain there."""
+    weight = getattr(module, "weight", None)
+    if not round_to or weight is None or weight.dim() == 0:
+        return ratio
+    n = int(weight.shape[0])
+    if n <= round_to or int(n * (1 - ratio)) >= round_to:
+        return ratio
+    # torch-pruning keeps int(n * (1 - ratio')) channels; the half channel guards against float rounding
+    return 1.0 - (round_to + 0.5) / n
+
+
 def prune_groups(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -115,7 +129,7 @@ def prune_groups(
     unknown = [n for n in ratios if n not in table]
     if unknown:
         raise ModelError(f"plan names layers the model does not have: {unknown[:5]}")
-    ratio_dict = {table[n]: float(r) for n, r in ratios.items() if r > 0}
+    ratio_dict = {table[n]: _keep_at_least_round_to(table[n], float(r), round_to) for n, r in ratios.items() if r > 0}
     if not ratio_dict:
         return model, []
     with warnings.catch_warnings():
