@@ -62,6 +62,17 @@ class DemoNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def _load_failure(e: Exception) -> str:
+    """One line on why torch.load failed: torch's weights-only errors are many lines of advice around the cause."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        cause = " ".join(text.split(marker, 1)[1].split("\n\n")[:2]).split(". Please")[0]
+        text = " ".join(cause.split())
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _load_state_dict(model: nn.Module, weights: str) -> None:
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -69,7 +80,13 @@ def _load_state_dict(model: nn.Module, weights: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise ModelError(f"weights file {weights!r} is not a readable state_dict ({type(e).__name__}: {e})") from e
+        reason = _load_failure(e)
+        if "Unsupported global" in reason:
+            raise ModelError(
+                f"weights file {weights!r} holds pickled Python objects, not a plain state_dict ({reason}); "
+                f"a whole model saved with torch.save(model) is passed as --model FILE.pt instead"
+            ) from e
+        raise ModelError(f"weights file {weights!r} is not a readable state_dict ({reason})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -116,7 +133,7 @@ def _file_model(ref: str) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelError(f"model file {ref!r} is not readable with torch.load ({type(e).__name__}: {e})") from e
+        raise ModelError(f"model file {ref!r} is not readable with torch.load ({_load_failure(e)})") from e
     if isinstance(obj, dict):
         raise ModelError(
             f"model file {ref!r} holds a state_dict, not a whole model; pass the architecture as --model "
