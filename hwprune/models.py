@@ -198,7 +198,7 @@ def output_layer_names(model: nn.Module, num_outputs: int) -> Tuple[str, ...]:
     return (last,) if last is not None else ()
 
 
-def load_or_train_demo(cache_path: Path, data, epochs: int = 4, seed: int = 0, log=print) -> nn.Module:
+def load_or_train_demo(cache_path: Path, data, epochs: int = 3, seed: int = 0, log=print) -> nn.Module:
     """The demo model trained once on ``data``'s training split and cached at ``cache_path``.
 
     The cache is keyed by the data name and written atomically, so parallel search workers share one copy.

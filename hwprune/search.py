@@ -8,8 +8,8 @@ recovery budget as every candidate.
 """
 from __future__ import annotations
 
-import logging
-import math
+import os
+import socket
 import shutil
 import time
 from dataclasses import dataclass
@@ -221,6 +221,7 @@ def run_search(
         dense = trial.user_attrs.get("role") == "dense"
         plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
         trial.set_user_attr("plan", plan.to_json())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         workdir = out / "trials" / f"trial-{trial.number}"
         try:
             outcome, _ = run_trial(

@@ -1,0 +1,189 @@
+"""End to end on a tiny model: search -> Pareto front -> export, replay, resume, failures, budget, Python API."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_tiny_net
+from hwprune import graph
+from hwprune.cli import main
+from hwprune.plan import PruningPlan, replay_plan
+from hwprune.results import load_results
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One small search shared by the tests of this module (5 trials on 8x8 digits)."""
+    from conftest import FAST_PROFILE_YAML, FAST_SPACE_YAML
+
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "space.yaml").write_text(FAST_SPACE_YAML.replace("ratios: [0.0, 0.5]", "ratios: [0.0, 0.25, 0.5, 0.75]"))
+    (root / "fast-cpu.yaml").write_text(FAST_PROFILE_YAML)
+    model_path = root / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    args = ["search", "--model", str(model_path), "--data", "digits", "--search-space", str(root / "space.yaml"),
+            "--profile", str(root / "fast-cpu.yaml"), "--trials", "5", "--out", str(root / "run"), "--no-progress"]
+    assert main(args) == 0
+    return {"root": root, "dir": root / "run", "args": args, "model_path": model_path}
+
+
+def test_search_writes_every_result_file(run):
+    d = run["dir"]
+    for name in ("trials.csv", "pareto.csv", "pareto.png", "study.db"):
+        assert (d / name).is_file(), name
+    df = pd.read_csv(d / "trials.csv")
+    assert len(df) == 5
+    dense = df[df.trial == 0].iloc[0]
+    assert dense.role == "dense" and dense.plan_summary == "dense"
+    assert (df.state == "complete").all()
+    for col in ("accuracy", "macs", "params", "bytes", "latency_ms:fast-cpu", "latency_p10_ms:fast-cpu",
+                "latency_p90_ms:fast-cpu", "latency_ratio:fast-cpu", "feasible", "plan"):
+        assert col in df.columns, col
+    assert df["accuracy"].between(0, 1).all()
+    # the dense model is the largest; every candidate that pruned something has fewer MACs
+    pruned = df[df.plan_summary != "dense"]
+    assert (pruned.macs < dense.macs).all()
+    # a plan is stored with every trial and parses
+    for text in df.plan:
+        PruningPlan.from_json(text)
+
+
+def test_pareto_models_are_exported_and_onnx_matches_torch(run):
+    d = run["dir"]
+    front = pd.read_csv(d / "pareto.csv")
+    assert not front.empty
+    for t in front.trial:
+        out = d / "models" / f"trial-{t}"
+        assert {"model.onnx", "model.pt", "metrics.json"} <= {p.name for p in out.iterdir()}
+        model = torch.load(out / "model.pt", weights_only=False).eval()
+        x = torch.randn(1, 1, 8, 8)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["trial"] == t and "latency_ms:fast-cpu" in metrics
+
+
+def test_replayed_plan_gives_the_same_architecture(run):
+    df = pd.read_csv(run["dir"] / "trials.csv")
+    base = make_tiny_net()
+    x = torch.randn(1, 1, 8, 8)
+    for _, row in df.iterrows():
+        plan = PruningPlan.from_json(row.plan)
+        a = replay_plan(base, plan, x)
+        b = replay_plan(base, plan, x)
+        assert graph.channel_counts(a) == graph.channel_counts(b)
+        exported = run["dir"] / "models" / f"trial-{row.trial}" / "model.pt"
+        if exported.is_file():
+            assert graph.channel_counts(a) == graph.channel_counts(torch.load(exported, weights_only=False))
+
+
+def test_python_api_returns_dataframes(run):
+    tables = load_results(run["dir"])
+    assert set(tables) == {"trials", "pareto"}
+    assert isinstance(tables["trials"], pd.DataFrame) and len(tables["trials"]) == 5
+
+
+def test_export_cli_modes(run, tmp_path):
+    d = run["dir"]
+    front = pd.read_csv(d / "pareto.csv")
+    t = int(front.trial.iloc[0])
+    assert main(["export", "--run", str(d), "--trial", str(t), "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / f"trial-{t}" / "model.onnx").is_file()
+    assert main(["export", "--run", str(d), "--pareto", "--out", str(tmp_path / "all")]) == 0
+    assert len(list((tmp_path / "all").iterdir())) == len(front)
+    assert main(["export", "--run", str(d), "--best-under-ms", "1000", "--out", str(tmp_path / "best")]) == 0
+    best = front.sort_values("accuracy", ascending=False).iloc[0]
+    assert (tmp_path / "best" / f"trial-{int(best.trial)}").is_dir()
+    # a trial that does not exist: one clear error, non-zero exit
+    assert main(["export", "--run", str(d), "--trial", "999"]) != 0
+
+
+def test_rerun_with_the_same_study_resumes(run):
+    d = run["dir"]
+    before = pd.read_csv(d / "trials.csv")
+    args = list(run["args"])
+    args[args.index("--trials") + 1] = "7"
+    assert main(args) == 0
+    after = pd.read_csv(d / "trials.csv")
+    assert len(after) == 7
+    pd.testing.assert_series_equal(before.plan, after.plan.iloc[:5], check_names=False)
+    assert (after.role == "dense").sum() == 1  # the dense trial is not enqueued again on resume
+
+
+def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch, space_file, profile_file):
+    from hwprune import trial as trial_mod
+    from hwprune.config import load_profile
+    from hwprune.search import SearchConfig, run_search
+    from hwprune.results import trials_frame
+    from hwprune.workload import build_workload
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space_file))
+    calls = {"n": 0}
+    real = trial_mod.recover
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated out-of-memory in fine-tuning")
+        return real(*a, **k)
+
+    monkeypatch.setattr(trial_mod, "recover", flaky)
+    cfg = SearchConfig(out_dir=tmp_path / "run", trials=4, progress=False, sampler="random")
+    study = run_search(workload, [load_profile(str(profile_file))], cfg, log=lambda m: None)
+    df = trials_frame(study)
+    assert len(df) == 4
+    failed = df[df.state == "fail"]
+    assert len(failed) == 1
+    assert "simulated out-of-memory" in failed.iloc[0].reason
+    assert (df.state == "complete").sum() == 3
+
+
+def test_over_budget_trial_stops_before_training(tmp_path, space_file, profile_file):
+    from hwprune.config import load_profile
+    from hwprune.trial import LatencyMeter, run_trial
+    from hwprune.workload import build_workload
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space_file))
+    meter = LatencyMeter([load_profile(str(profile_file))], workload.model, workload.input_shape, tmp_path, cache=False)
+    outcome, _ = run_trial(workload, workload.uniform_plan(0.5), meter, tmp_path / "t", budget_ms=1e-6)
+    assert not outcome.feasible and outcome.accuracy is None
+    assert "exceeds the budget" in outcome.reason
+    assert not (tmp_path / "t" / "state_dict.pt").exists()  # no training was spent on it
+    outcome, _ = run_trial(workload, workload.uniform_plan(0.5), meter, tmp_path / "u", budget_ms=1e6)
+    assert outcome.feasible and outcome.accuracy is not None
+
+
+def test_latency_cache_measures_a_repeated_architecture_once(tmp_path, space_file, profile_file):
+    from hwprune.config import load_profile
+    from hwprune.trial import LatencyMeter
+    from hwprune.plan import apply_plan
+    from hwprune.workload import build_workload
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space_file))
+    meter = LatencyMeter([load_profile(str(profile_file))], workload.model, workload.input_shape, tmp_path)
+    model, _, _ = apply_plan(workload.model, workload.uniform_plan(0.5), workload.example_input)
+    first = meter.measure(model, tmp_path / "a")["fast-cpu"]
+    misses = meter.cache.misses
+    # the same architecture with different weights: served from the cache
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    second = meter.measure(model, tmp_path / "b")["fast-cpu"]
+    assert meter.cache.misses == misses and second.raw.median_ms == first.raw.median_ms
