@@ -80,7 +80,7 @@ def workload_for(model: nn.Module, input_shape, ratios=(0.0, 0.25, 0.5), round_t
 @pytest.fixture(scope="module")
 def demo():
     torch.manual_seed(0)
-    wl = workload_for(DemoNet(1, 10, (8, 16, 32)), (1, 16, 16))
+    wl = workload_for(DemoNet(1, 10, (8, 16, 32)), (1, 16, 16), ratios=(0.0, 0.25, 0.5, 0.75))
     return wl, build_lut(wl, SizeBackend(), progress=False)
 
 
@@ -136,6 +136,8 @@ def test_rounding_rule_matches_torch_pruning(demo, mobile):
             for r in wl.space.ratios:
                 assert table.removed[g.name][repr(float(r))] == removed_channels(g.channels, r, wl.space.round_to)
     assert removed_channels(64, 0.3, 8) == 24 and removed_channels(64, 0.0, 8) == 0 and removed_channels(10, 0.5, None) == 5
+    # where rounding down would leave nothing, exactly round_to channels remain (8 channels at 0.75, round_to 4)
+    assert removed_channels(8, 0.75, 4) == 4 and removed_channels(16, 0.7, 8) == 8
 
 
 def test_prediction_positive_and_ordered(demo):

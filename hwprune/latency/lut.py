@@ -223,20 +223,24 @@ def trace_layers(model, input_shape: Sequence[int]) -> List[LayerCall]:
 
 
 def removed_channels(channels: int, ratio: float, round_to: Optional[int]) -> int:
-    """Channels torch-pruning removes from a group of ``channels`` at ``ratio`` (local pruning): it keeps
-    ``int(channels * (1 - ratio))``, then rounds the kept count down to a multiple of ``round_to``. A ratio of 0
-    prunes nothing (hwprune passes only positive ratios to torch-pruning). Checked against real pruning when a
-    table is built."""
+    """Channels ``graph.prune_groups`` removes from a group of ``channels`` at ``ratio``: torch-pruning keeps
+    ``int(channels * (1 - ratio))`` and rounds that down to a multiple of ``round_to`` (a rounding to 0 prunes
+    nothing); hwprune asks for exactly ``round_to`` channels where that would happen to a group wider than
+    ``round_to``. A ratio of 0 prunes nothing. Checked against real pruning whenever a table is built."""
     if ratio <= 0:
         return 0
+    if round_to and channels > round_to and int(channels * (1 - ratio)) < round_to:
+        return channels - round_to
     n = channels - int(channels * (1 - ratio))
     if n <= 0:
         return 0
     if round_to:
         keep = channels - n
         keep -= keep % round_to
+        if keep <= 0:
+            return 0
         n = channels - keep
-    return max(n, 0)
+    return n
 
 
 def _channels_by_layer(model) -> Dict[str, Tuple[int, int]]:
