@@ -1,0 +1,260 @@
+"""Coverage check (issue 4): can hwprune filter-prune every torchvision classification model?
+
+For every model in ``torchvision.models.list_models(module=torchvision.models)`` (random init, never a
+download): remove 30% of every dependency group's channels through ``hwprune.graph.prune_groups`` (the
+classifier's outputs are kept, via ``hwprune.models.output_layer_names``), run the pruned model forward, export
+it with ``hwprune.export.to_onnx`` and compare ONNX Runtime's output with PyTorch's (rtol 1e-3, atol 1e-4).
+
+Each model runs in its own subprocess (a crash, a memory blow-up or a time-out costs one row, not the run).
+The markdown table is rewritten after every model, so a partial run leaves a usable report.
+
+    python scripts/check_torchvision_coverage.py --out coverage.md [--models 'resnet*,vit_b_16']
+        [--skip-larger-than-gmacs 20] [--timeout 1200] [--ratio 0.3] [--jsonl rows.jsonl [--resume]]
+
+A second pass with ``--jsonl rows.jsonl --resume`` and a larger (or no) GMACs limit checks only the models the
+first pass skipped and writes one table of all of them.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+RTOL, ATOL = 1e-3, 1e-4
+STATUS_OK = "ok"
+
+
+def input_size(name: str) -> int:
+    """The input size a model is built for: 299 for Inception v3, 224 for everything else (ViTs need exactly 224)."""
+    return 299 if name == "inception_v3" else 224
+
+
+def estimated_gmacs(name: str, size: int):
+    """GMACs at ``size`` from torchvision's weight metadata (its ``_ops`` at the weights' crop size); None if absent."""
+    try:
+        import torchvision
+
+        w = torchvision.models.get_model_weights(name).DEFAULT
+        ops, crop = w.meta.get("_ops"), w.transforms.keywords.get("crop_size")
+        return float(ops) * (size / float(crop)) ** 2 if ops and crop else None
+    except Exception:
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0].strip() if text else ""
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def check_model(name: str, ratio: float, skip_gmacs: float, threads: int = 1) -> Dict[str, object]:
+    """Run the whole check for one model in this process; returns one row of the report."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from hwprune import graph
+    from hwprune.costs import count_macs, count_params
+    from hwprune.export import to_onnx
+    from hwprune.models import load_model, output_layer_names
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    row: Dict[str, object] = {"model": name, "status": "", "reason": "", "macs_before": None, "macs_after": None,
+                              "params_before": None, "params_after": None, "groups": None, "input": None}
+
+    def done(status: str, reason: str = "") -> Dict[str, object]:
+        row.update(status=status, reason=reason, time_s=round(time.perf_counter() - t0, 1))
+        return row
+
+    torch.manual_seed(0)
+    size = input_size(name)
+    row["input"] = f"3x{size}x{size}"
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if skip_gmacs:
+        # Building and tracing a 100+ GMACs model costs minutes on a small machine: torchvision's weight metadata
+        # (no download) estimates MACs at our input size first; only clear cases are skipped on the estimate.
+        est = estimated_gmacs(name, size)
+        if est is not None and est > 1.5 * skip_gmacs:
+            return done("skipped", f"~{est:.0f} GMACs (torchvision metadata, scaled to {size}) > "
+                                   f"--skip-larger-than-gmacs {skip_gmacs:g}")
+    try:
+        model = load_model(f"torchvision:{name}")
+        with torch.no_grad():
+            y_dense = model(x)
+        row["macs_before"] = count_macs(model, x)
+        row["params_before"] = count_params(model)
+    except Exception as e:
+        return done("build failed", _one_line(e))
+    if skip_gmacs and row["macs_before"] > skip_gmacs * 1e9:
+        return done("skipped", f"{row['macs_before'] / 1e9:.1f} GMACs > --skip-larger-than-gmacs {skip_gmacs:g}")
+
+    # prune 30% of every group, keeping the classifier's outputs
+    try:
+        ignored = output_layer_names(model, int(y_dense.shape[1]))
+        if not ignored:
+            raise RuntimeError(f"no classifier layer with {int(y_dense.shape[1])} outputs found")
+        # Every conv/linear layer named: torch-pruning applies a module's ratio to the group it belongs to, so this
+        # is every group at `ratio` with one dependency-graph build instead of two (list_groups + prune).
+        layers = [n for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES) and n not in ignored]
+        pruned, history = graph.prune_groups(model, x, {n: ratio for n in layers}, ignored=ignored)
+        row["groups"] = len({h[0] for h in history if h[1]})  # groups that lost output channels
+        if not history:
+            raise RuntimeError("no prunable dependency group found")
+        row["params_after"] = count_params(pruned)
+        if row["params_after"] >= row["params_before"]:
+            raise RuntimeError(f"pruning removed nothing ({row['params_after']} params before and after)")
+    except Exception as e:
+        return done("prune failed", _one_line(e))
+
+    try:
+        with torch.no_grad():
+            y = pruned(x)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(y_dense.shape):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise RuntimeError(f"output {shape} differs from the dense model's {tuple(y_dense.shape)}")
+        if not torch.isfinite(y).all():
+            raise RuntimeError("the pruned model's output is not finite")
+        row["macs_after"] = count_macs(pruned, x)
+    except Exception as e:
+        return done("forward failed", _one_line(e))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.onnx")
+        try:
+            to_onnx(pruned, tuple(x.shape), path)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            (y_ort,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        except Exception as e:
+            return done("export failed", _one_line(e))
+    y_pt = y.numpy()
+    if y_ort.shape != y_pt.shape or not np.allclose(y_ort, y_pt, rtol=RTOL, atol=ATOL):
+        diff = float(np.max(np.abs(y_ort - y_pt))) if y_ort.shape == y_pt.shape else float("nan")
+        scale = float(np.max(np.abs(y_pt)))
+        return done("mismatch", f"max |ORT - torch| = {diff:.3g} (max |output| {scale:.3g}, rtol {RTOL}, atol {ATOL})")
+    return done(STATUS_OK)
+
+
+def _fmt_macs(v) -> str:
+    return "" if v is None else f"{v / 1e9:.3f}"
+
+
+def write_table(rows: List[Dict[str, object]], path: str, args) -> None:
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+    lines = [
+        "# torchvision coverage: filter pruning, forward, ONNX export",
+        "",
+        f"Every torchvision classification model (random init), {args.ratio:g} of every dependency group's channels "
+        f"removed through `hwprune.graph.prune_groups` (l1 importance, classifier outputs kept), forward at 224 "
+        f"(299 for inception_v3), `hwprune.export.to_onnx` + ONNX Runtime CPU compared with PyTorch "
+        f"(rtol {RTOL:g}, atol {ATOL:g}).",
+        "",
+        f"Command: `python scripts/check_torchvision_coverage.py {' '.join(sys.argv[1:])}`",
+        "",
+        "Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(rows)} models)",
+        "",
+        "| model | input | status | groups pruned | GMACs before | GMACs after | MACs kept | params before | params after "
+        "| time s | reason |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        kept = ""
+        if r.get("macs_before") and r.get("macs_after"):
+            kept = f"{r['macs_after'] / r['macs_before']:.2f}"
+        reason = str(r.get("reason", "")).replace("|", "\\|")
+        lines.append(
+            f"| {r['model']} | {r.get('input') or ''} | {r['status']} | {r.get('groups') or ''} "
+            f"| {_fmt_macs(r.get('macs_before'))} | {_fmt_macs(r.get('macs_after'))} | {kept} "
+            f"| {r.get('params_before') or ''} | {r.get('params_after') or ''} | {r.get('time_s', '')} | {reason} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="torchvision_coverage.md", help="markdown report to write")
+    ap.add_argument("--models", default="*", help="comma-separated glob patterns on model names (default: all)")
+    ap.add_argument("--skip-larger-than-gmacs", type=float, default=0.0,
+                    help="skip models above this many GMACs at their input size (0 = run all)")
+    ap.add_argument("--ratio", type=float, default=0.3, help="fraction of every group's channels removed")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per model")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per model (default 1: on a busy machine more threads spin and wait)")
+    ap.add_argument("--jsonl", help="also append every row as JSON to this file")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --jsonl: keep the rows already in it (except 'skipped' ones) and check only the rest")
+    ap.add_argument("--table-only", action="store_true",
+                    help="with --jsonl: write the table (and failures) from the rows already there; check nothing")
+    ap.add_argument("--single", help=argparse.SUPPRESS)  # internal: check one model, print its row as JSON
+    args = ap.parse_args(argv)
+
+    if args.single:
+        row = check_model(args.single, args.ratio, args.skip_larger_than_gmacs, args.threads)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+
+    import torchvision
+
+    patterns = [p.strip() for p in args.models.split(",") if p.strip()]
+    names = [n for n in torchvision.models.list_models(module=torchvision.models)
+             if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        print(f"no torchvision model matches --models {args.models!r}", file=sys.stderr)
+        return 2
+    previous: Dict[str, Dict[str, object]] = {}
+    if (args.resume or args.table_only) and args.jsonl and os.path.isfile(args.jsonl):
+        with open(args.jsonl) as f:
+            for ln in f:
+                if ln.strip():
+                    r = json.loads(ln)
+                    previous[r["model"]] = r
+    rows: List[Dict[str, object]] = []
+    for i, name in enumerate(names, 1):
+        if name in previous and (previous[name]["status"] != "skipped" or args.table_only):
+            rows.append(previous[name])
+            continue
+        if args.table_only:
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--single", name, "--ratio", str(args.ratio),
+               "--skip-larger-than-gmacs", str(args.skip_larger_than_gmacs), "--threads", str(args.threads)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            if out:
+                row = json.loads(out[-1][4:])
+            else:
+                tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
+                row = {"model": name, "status": "crashed", "reason": tail[0][:300]}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "status": "timeout", "reason": f"over --timeout {args.timeout:g} s"}
+        row.setdefault("time_s", round(time.perf_counter() - t0, 1))
+        rows.append(row)
+        print(f"[{i}/{len(names)}] {name}: {row['status']} ({row['time_s']} s) {row.get('reason', '')}", flush=True)
+        write_table(rows, args.out, args)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    write_table(rows, args.out, args)
+    bad = [r for r in rows if r["status"] not in (STATUS_OK, "skipped")]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    print(f"\n{len(rows) - len(bad) - len(skipped)} ok, {len(bad)} failed, {len(skipped)} skipped; table in {args.out}")
+    for r in bad:
+        print(f"FAILED {r['model']}: {r['status']}: {r.get('reason', '')}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
