@@ -93,6 +93,8 @@ def screened_run_trial(original, screen, profile_name: str):
         dense = kwargs.get("evaluate_over_budget", False)
         if dense or plan.structures:
             return original(workload, plan, meter, workdir, budget_ms, budget_profile, *args, **kwargs)
+        if screen.reference_ms is None and getattr(meter, "reference_ms", None):
+            screen.reference_ms = meter.reference_ms.get(profile_name)  # predict relative to the meter's dense
         ok, predicted = screen.should_measure_plan(plan)
         if ok:
             return original(workload, plan, meter, workdir, budget_ms, budget_profile, *args, **kwargs)

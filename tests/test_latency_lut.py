@@ -147,7 +147,8 @@ def test_prediction_positive_and_ordered(demo):
     assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]
     dense = table.predict(wl.model)
     assert dense == pytest.approx(levels[0])
-    assert table.dense_ms > 0 and len(table.calibration) == 3
+    assert table.dense_ms > 0 and len(table.calibration) == 3 + 3  # uniform (dense first) + random plans
+    assert table.calibration[0]["plan"] == "uniform 0"
 
 
 def test_interpolates_a_missing_config_or_raises(demo):
@@ -205,6 +206,10 @@ def test_screening_skips_a_clearly_over_budget_model(demo):
     ok, _ = scr.should_measure_plan({g.name: 0.0 for g in wl.groups})
     assert not ok and (scr.measured, scr.skipped) == (1, 2)
     assert "exceeds the budget" in scr.reason(dense)
+    # relative to the dense model measured now: a machine twice as slow doubles every prediction
+    rel = LutScreen(table, budget_ms=dense * 3, margin=0.0, reference_ms=2 * table.dense_predicted_ms)
+    assert rel.should_measure(wl.model) == (True, pytest.approx(2 * dense))
+    assert rel.should_measure_plan({g.name: 0.0 for g in wl.groups})[1] == pytest.approx(2 * dense)
     assert screen(10.9, 10.0, 0.1) and not screen(11.1, 10.0, 0.1) and screen(5.0, 10.0, 0.0)
 
 
@@ -225,7 +230,7 @@ def test_real_onnxruntime_table_on_one_thread(tmp_path):
     wl = workload_for(DemoNet(1, 10, (16, 32, 64)), (1, 16, 16), ratios=(0.0, 0.5), round_to=8, name="t2")
     profile = DeviceProfile(name="cpu-1thread", backend="onnxruntime", options={"threads": 1}, measure=FAST)
     seen = []
-    table = build_lut(wl, profile, progress=lambda done, total, what: seen.append((done, total)), calibrate=2)
+    table = build_lut(wl, profile, progress=lambda done, total, what: seen.append((done, total)), calibrate=2, calibration_random=1)
     assert seen[-1][0] == seen[-1][1] == len(table)
     assert all(v > 0 for v in table.entries.values())
     dense, small = table.predict(wl.model), table.predict_plan({g.name: 0.5 for g in wl.groups})

@@ -15,7 +15,7 @@ How a table is built (``build_lut``):
      multiple of ``round_to``), which then also serves ratios outside the table's list.
   4. Every distinct op configuration (same type, in/out, kernel, stride, padding, groups, input size, BN and
      activation) is exported to ONNX and measured once on the profile's backend, at the profile's batch size.
-  5. Calibration: the dense model and a few uniform plans are measured whole; ``measured = scale * sum(entries)
+  5. Calibration: the dense model, a few uniform plans and a few random plans are measured whole; ``measured = scale * sum(entries)
      + overhead_ms`` is fitted by least squares (with the dense model alone: scale 1, overhead = dense - sum).
      The overhead covers what the table does not hold (adds, pooling, reorders, session overhead); the scale
      absorbs the systematic cost of running each layer alone (layout conversions at its boundaries, cold caches).
@@ -346,7 +346,7 @@ class LatencyTable:
     overhead_ms: float = 0.0
     scale: float = 1.0
     dense_ms: float = float("nan")
-    calibration: List[Dict[str, Any]] = field(default_factory=list)  # {"ratio", "table_sum_ms", "measured_ms"}
+    calibration: List[Dict[str, Any]] = field(default_factory=list)  # {"plan", "table_sum_ms", "measured_ms"}
     spread: Dict[str, List[float]] = field(default_factory=dict)  # op key -> [p10_ms, p90_ms, n]
     build_seconds: float = 0.0
     source: Optional[str] = None
@@ -512,6 +512,11 @@ class LatencyTable:
         return float((1 - ti) * (1 - to) * grid[(i0, o0)] + (1 - ti) * to * grid[(i0, o1)]
                      + ti * (1 - to) * grid[(i1, o0)] + ti * to * grid[(i1, o1)])
 
+    @property
+    def dense_predicted_ms(self) -> float:
+        """The table's own prediction for the dense model (the base of relative predictions)."""
+        return self._total(sum(self.lookup(c.key(), True, c.name) for c in self.layers))
+
     def _total(self, sum_ms: float) -> float:
         return max(self.scale * sum_ms + self.overhead_ms, 1e-6)
 
@@ -625,6 +630,7 @@ def build_lut(
     progress: Progress = True,
     *,
     calibrate: int = 3,
+    calibration_random: int = 3,
     calibration_rounds: int = 2,
     passes: int = 1,
     settings: Optional[MeasureSettings] = None,
@@ -636,10 +642,12 @@ def build_lut(
     """Measure every conv / linear op configuration ``workload``'s search space can produce on a device profile
     (or a backend object with ``fingerprint()`` and ``measure_onnx(path, shape)``), and calibrate the overhead.
 
-    ``ratios``: the ratio choices (default: the search space's). ``calibrate``: how many uniform plans, spread
-    over the ratios and starting with the dense model, are measured whole to fit scale and overhead (1 = dense
-    only: scale 1), each ``calibration_rounds`` times round-robin (lowest median kept). ``passes``: how many
-    times every entry is measured (lowest median kept; more passes resist interference on a shared machine). ``settings`` overrides the profile's measure settings for the table's entries (not for the
+    ``ratios``: the ratio choices (default: the search space's). Calibration measures whole models to fit
+    ``measured = scale * sum(entries) + overhead``: ``calibrate`` uniform plans spread over the ratios (the first
+    is the dense model) and ``calibration_random`` random plans (an independent ratio per group, seeded), each
+    ``calibration_rounds`` times round-robin (lowest median kept); with the dense model alone the scale is 1.
+    ``passes``: how many times every entry is measured (lowest median kept; more passes resist interference on a
+    shared machine). ``settings`` overrides the profile's measure settings for the table's entries (not for the
     calibration). ``progress``: True for a bar, False for none, or ``fn(done, total, what)``.
     """
     from hwprune.export import to_onnx
@@ -678,24 +686,24 @@ def build_lut(
                 path = to_onnx(module, shape, Path(tmp.name) / "op.onnx")
                 entries[key] = min(entries[key], measure_candidate(backend, str(path), module, shape).median_ms)
 
-        # calibration: the dense model and uniform plans measured whole, round-robin, ``calibration_rounds``
-        # times; the lowest median of each is kept (interference from other processes only ever adds time)
-        picks = _spread_picks(ratios, max(1, calibrate))
+        # calibration: the dense model, uniform plans and random plans (what a search samples) measured whole,
+        # round-robin, ``calibration_rounds`` times; the lowest median of each is kept (interference from other
+        # processes only ever adds time)
         shape = (batch, *workload.input_shape)
         whole = []
-        for j, r in enumerate(picks):
-            model = workload.model if r == 0 else _prune(workload, {g.name: r for g in workload.groups})
+        for j, (label, plan_ratios) in enumerate(_calibration_plans(workload, ratios, calibrate, calibration_random)):
+            model = workload.model if not any(plan_ratios.values()) else _prune(workload, plan_ratios)
             path = to_onnx(model, shape, Path(tmp.name) / f"whole-{j}.onnx")
             table_sum = sum(entries[c.key()] for c in trace_layers(model, workload.input_shape))
-            whole.append((r, model, path, table_sum))
+            whole.append((label, model, path, table_sum))
         best = [math.inf] * len(whole)
         for _ in range(max(1, calibration_rounds)):
-            for j, (r, model, path, _) in enumerate(whole):
+            for j, (_, model, path, _) in enumerate(whole):
                 best[j] = min(best[j], measure_candidate(whole_backend, str(path), model, shape).median_ms)
         points = []
-        for (r, _, _, table_sum), measured in zip(whole, best):
-            points.append({"ratio": r, "table_sum_ms": table_sum, "measured_ms": measured})
-            log(f"latency table: uniform ratio {r:g}: measured {measured:.3f} ms, layer sum {table_sum:.3f} ms")
+        for (label, _, _, table_sum), measured in zip(whole, best):
+            points.append({"plan": label, "table_sum_ms": table_sum, "measured_ms": measured})
+            log(f"latency table: {label}: measured {measured:.3f} ms, layer sum {table_sum:.3f} ms")
     finally:
         tmp.cleanup()
 
@@ -733,6 +741,16 @@ def _spread_picks(ratios: Sequence[float], k: int) -> List[float]:
     return [ratios[j] for j in idx]
 
 
+def _calibration_plans(workload, ratios: Sequence[float], uniform: int, random: int) -> List[Tuple[str, Dict[str, float]]]:
+    """The dense model first, then ``uniform`` - 1 more uniform plans spread over the ratios, then ``random``
+    plans with an independent ratio per group (seeded: the same table is rebuilt the same way)."""
+    plans = [(f"uniform {r:g}", {g.name: r for g in workload.groups}) for r in _spread_picks(ratios, max(1, uniform))]
+    rng = np.random.default_rng(7919)  # a fixed stream of its own (benchmarks draw test plans from others)
+    for k in range(max(0, random)):
+        plans.append((f"random {k + 1}", {g.name: float(rng.choice(ratios)) for g in workload.groups}))
+    return plans
+
+
 def _fit(points: Sequence[Mapping[str, float]]) -> Tuple[float, float]:
     """Least-squares ``measured = scale * table_sum + overhead``; with one point (or a degenerate fit) the scale is
     1 and the overhead the mean residual."""
@@ -760,16 +778,25 @@ class LutScreen:
     than ``margin``. Choose the margin above the table's measured error (``predictor_error``) so that a candidate
     near the budget is always measured."""
 
-    def __init__(self, table: LatencyTable, budget_ms: float, margin: float = 0.1):
+    def __init__(self, table: LatencyTable, budget_ms: float, margin: float = 0.1,
+                 reference_ms: Optional[float] = None):
+        """``reference_ms``: the dense model's latency as the search measures it now (e.g. a drift-corrected
+        meter's reference). When given, predictions are relative to the table's own dense prediction and scaled to
+        it (``predicted / table.dense_predicted_ms * reference_ms``), so a machine that is faster or slower than
+        when the table was built shifts the prediction the same way as the measurements."""
         if budget_ms <= 0 or margin < 0:
             raise ConfigError(f"screening needs a positive budget and a margin >= 0, got {budget_ms!r}, {margin!r}")
         self.table = table
         self.budget_ms = float(budget_ms)
         self.margin = float(margin)
+        self.reference_ms = reference_ms
+        self._dense = table.dense_predicted_ms
         self.measured = 0
         self.skipped = 0
 
     def _decide(self, predicted: float) -> Tuple[bool, float]:
+        if self.reference_ms is not None:
+            predicted = predicted / self._dense * float(self.reference_ms)
         ok = screen(predicted, self.budget_ms, self.margin)
         if ok:
             self.measured += 1
