@@ -9,7 +9,9 @@ recovery budget as every candidate.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import shutil
 import time
 from dataclasses import dataclass
@@ -251,18 +253,54 @@ def run_search(
         log(f"study {cfg.study_name!r} already holds {done} finished trials (>= --trials {cfg.trials}); nothing to run")
         return study
     callbacks = [optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)]
-    bar = _progress(remaining, cfg, names) if cfg.progress else None
+    bar = _Progress(remaining, names) if cfg.progress else None
     if bar is not None:
         callbacks.append(bar.callback)
+    stop = _InterruptGuard()
+    callbacks.append(stop.callback)
     try:
-        study.optimize(
-            objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=callbacks, catch=(Exception,),
-            gc_after_trial=True,
-        )
+        with stop:
+            study.optimize(
+                objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=callbacks, catch=(Exception,),
+                gc_after_trial=True,
+            )
     finally:
         if bar is not None:
             bar.close()
     return study
+
+
+class _InterruptGuard:
+    """Makes Ctrl-C reliable. Python delivers KeyboardInterrupt wherever the interpreter happens to be; inside a
+    garbage-collection callback it is printed and swallowed, and the search would go on. The guard remembers the
+    signal: the running trial is still interrupted at once where possible, and otherwise the study stops after
+    the trial in progress, and KeyboardInterrupt is raised when optimize returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def callback(self, study: optuna.Study, trial) -> None:
+        if self.requested:
+            study.stop()
+
+    def __enter__(self):
+        # Only where Python's own Ctrl-C handling is active (not when SIGINT is ignored, e.g. under nohup).
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc_type is None:
+            raise KeyboardInterrupt
+        return False
 
 
 class _Progress:
@@ -273,7 +311,6 @@ class _Progress:
 
         self.names = names
         self.bar = tqdm(total=total, unit="trial", desc="search", dynamic_ncols=True)
-        self.best_acc = None
 
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         info = {"state": trial.state.name.lower()}
@@ -289,6 +326,3 @@ class _Progress:
     def close(self) -> None:
         self.bar.close()
 
-
-def _progress(total: int, cfg: SearchConfig, names: Sequence[str]):
-    return _Progress(total, names)

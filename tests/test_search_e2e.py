@@ -187,3 +187,48 @@ def test_latency_cache_measures_a_repeated_architecture_once(tmp_path, space_fil
             p.mul_(0.5)
     second = meter.measure(model, tmp_path / "b")["fast-cpu"]
     assert meter.cache.misses == misses and second.raw.median_ms == first.raw.median_ms
+
+
+def test_interrupt_keeps_finished_trials_and_writes_results(tmp_path, space_file, profile_file):
+    """Ctrl-C (SIGINT) in the middle of a search: exit 130, every finished trial kept and written out."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", str(model_path), "--data", "digits",
+           "--search-space", str(space_file), "--profile", str(profile_file), "--trials", "200",
+           "--out", str(run_dir), "--no-progress", "--no-export"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # A job started in the background by a non-interactive shell inherits SIGINT as ignored; restore the default
+    # so that the child behaves as under a terminal's Ctrl-C.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    finished = 0
+    while time.time() < deadline and finished < 3:
+        time.sleep(0.5)
+        db = run_dir / "study.db"
+        if db.is_file():
+            try:
+                with sqlite3.connect(db) as con:
+                    finished = con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    assert finished >= 3, "the search did not finish 3 trials in time"
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("the search did not stop on SIGINT: " + err.decode()[-3000:])
+    assert proc.returncode == 130, err.decode()[-2000:]
+    df = pd.read_csv(run_dir / "trials.csv")
+    assert (df.state == "complete").sum() >= finished
+    assert b"interrupted" in err
