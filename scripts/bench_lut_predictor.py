@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         print(f"== {name} on {profile.name}", flush=True)
         wl = build_workload(f"torchvision:{name}", data_ref="none", space=args.space,
                             input_shape=(3, args.image_size, args.image_size), log=lambda s: None)
-        table = build_lut(wl, profile, ratios=ratios, progress=sys.stderr.isatty(), calibrate=args.calibrate, calibration_random=args.calibrate_random,
+        table = build_lut(wl, profile, ratios=ratios, progress=sys.stderr.isatty(), calibrate=args.calibrate,
+                          calibration_random=args.calibrate_random,
                           passes=args.passes,
                           settings=entry_settings, log=lambda s: print("  " + s, flush=True))
         print(f"  built {len(table)} entries in {table.build_seconds:.0f} s; scale {table.scale:.3f}, "
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
             f"space `{args.space}`{' ratios ' + ','.join(f'{r:g}' for r in ratios) if ratios else ''}, "
             f"{args.image_size}x{args.image_size}{' (quick settings)' if args.quick else ''}\n\n")
     lines = [
-        "| model | entries | build s | dense ms | variants | MAPE % | max APE % | bias % | Spearman | Kendall | scale | overhead ms |",
+        "| model | entries | build s | dense ms | variants | MAPE % | max APE % | bias % | Spearman | Kendall | scale "
+        "| overhead ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

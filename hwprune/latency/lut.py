@@ -15,10 +15,12 @@ How a table is built (``build_lut``):
      multiple of ``round_to``), which then also serves ratios outside the table's list.
   4. Every distinct op configuration (same type, in/out, kernel, stride, padding, groups, input size, BN and
      activation) is exported to ONNX and measured once on the profile's backend, at the profile's batch size.
-  5. Calibration: the dense model, a few uniform plans and a few random plans are measured whole; ``measured = scale * sum(entries)
-     + overhead_ms`` is fitted by least squares (with the dense model alone: scale 1, overhead = dense - sum).
+  5. Calibration: the dense model, a few uniform plans and a few random plans are measured whole;
+     ``measured = scale * sum(entries) + overhead_ms`` is fitted robustly, Theil-Sen (with the dense model alone:
+     scale 1, overhead = dense - sum).
      The overhead covers what the table does not hold (adds, pooling, reorders, session overhead); the scale
-     absorbs the systematic cost of running each layer alone (layout conversions at its boundaries, cold caches).
+     absorbs the systematic difference between layers run alone and inside the model (layout conversions at
+     their boundaries, weights that stay in cache when a layer runs alone, time slicing on a busy machine).
 
 Prediction: ``scale * sum(entry for each layer call) + overhead_ms``. A configuration missing from the table
 (a ratio or round_to outside the space it was built for) is interpolated bilinearly in (in, out) between the
@@ -30,7 +32,6 @@ A table is bound to the device fingerprint of the backend it was measured with a
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -212,7 +213,8 @@ def trace_layers(model, input_shape: Sequence[int]) -> List[LayerCall]:
                                    "zeros", tuple(int(d) for d in x.shape[1:-1]), j is not None, act))
         else:
             pad = m.padding if isinstance(m.padding, str) else _tuple(m.padding)
-            calls.append(LayerCall(name, type(m).__name__, m.in_channels, m.out_channels, m.groups, _tuple(m.kernel_size),
+            calls.append(LayerCall(name, type(m).__name__, m.in_channels, m.out_channels, m.groups,
+                                   _tuple(m.kernel_size),
                                    _tuple(m.stride), pad, _tuple(m.dilation), m.bias is not None, m.padding_mode,
                                    tuple(int(d) for d in x.shape[2:]), j is not None, act))
     return calls
@@ -741,7 +743,9 @@ def _spread_picks(ratios: Sequence[float], k: int) -> List[float]:
     return [ratios[j] for j in idx]
 
 
-def _calibration_plans(workload, ratios: Sequence[float], uniform: int, random: int) -> List[Tuple[str, Dict[str, float]]]:
+def _calibration_plans(
+    workload, ratios: Sequence[float], uniform: int, random: int
+) -> List[Tuple[str, Dict[str, float]]]:
     """The dense model first, then ``uniform`` - 1 more uniform plans spread over the ratios, then ``random``
     plans with an independent ratio per group (seeded: the same table is rebuilt the same way)."""
     plans = [(f"uniform {r:g}", {g.name: r for g in workload.groups}) for r in _spread_picks(ratios, max(1, uniform))]
@@ -752,15 +756,18 @@ def _calibration_plans(workload, ratios: Sequence[float], uniform: int, random: 
 
 
 def _fit(points: Sequence[Mapping[str, float]]) -> Tuple[float, float]:
-    """Least-squares ``measured = scale * table_sum + overhead``; with one point (or a degenerate fit) the scale is
-    1 and the overhead the mean residual."""
+    """``measured = scale * table_sum + overhead``, fitted robustly (Theil-Sen: the median of pairwise slopes, then
+    the median intercept), so one calibration model caught by interference does not tilt the line. With one point
+    (or a degenerate fit) the scale is 1 and the overhead the median residual."""
     s = np.array([p["table_sum_ms"] for p in points], dtype=np.float64)
     m = np.array([p["measured_ms"] for p in points], dtype=np.float64)
-    if len(points) >= 2 and np.ptp(s) > 1e-9:
-        scale, overhead = np.polyfit(s, m, 1)
+    slopes = [(m[j] - m[i]) / (s[j] - s[i]) for i in range(len(s)) for j in range(i + 1, len(s))
+              if abs(s[j] - s[i]) > 1e-9 * max(1.0, abs(s[j]))]
+    if slopes:
+        scale = float(np.median(slopes))
         if 0.2 <= scale <= 5.0:
-            return float(scale), float(overhead)
-    return 1.0, float(np.mean(m - s))
+            return scale, float(np.median(m - scale * s))
+    return 1.0, float(np.median(m - s))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -850,7 +857,9 @@ def kendall(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.sum(da * db) / denom) if denom else float("nan")
 
 
-def predictor_error(table: Optional[LatencyTable], models_and_measured: Iterable[Tuple[Any, float]]) -> Dict[str, float]:
+def predictor_error(
+    table: Optional[LatencyTable], models_and_measured: Iterable[Tuple[Any, float]]
+) -> Dict[str, float]:
     """The table's error against real measurements. Each item is (pruned model | plan | {group: ratio} |
     predicted ms, measured ms). Returns mape (%), max_ape (%), bias (% mean signed error), spearman, kendall, n."""
     pred, meas = [], []
