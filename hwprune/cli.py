@@ -53,7 +53,7 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin)
     interrupted = False
     study = None
     try:
@@ -97,6 +97,8 @@ def cmd_profile(args) -> int:
 
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=Path(args.run_dir))
+    if args.build_lut:
+        return _build_lut(args, workload, profiles)
     costs = measure_costs(workload.model, workload.example_input)
     report = {"model": args.model, "input_shape": list(workload.input_shape), **costs.to_dict(), "profiles": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +124,40 @@ def cmd_profile(args) -> int:
               f"CV {100 * s['cv']:.1f}%  n {s['n']}")
         for r in e.get("layers", [])[: args.top]:
             print(f"    {r['mean_ms']:8.4f} ms  {100 * r['share']:5.1f}%  {r['op_type']:<18} {r['node']}")
+    return 0
+
+
+def _build_lut(args, workload, profiles) -> int:
+    """Per-layer lookup table for the first profile, then its error on plans it was not calibrated on."""
+    import random
+    import tempfile
+
+    from hwprune.export import to_onnx
+    from hwprune.latency import make_backend
+    from hwprune.latency.base import measure_candidate
+    from hwprune.latency.lut import build_lut, predictor_error
+    from hwprune.plan import apply_plan
+
+    profile = profiles[0]
+    table = build_lut(workload, profile, progress=True, log=_log)
+    table.save(args.build_lut)
+    print(f"wrote {args.build_lut}: {len(table.entries)} entries for {workload.space.name!r} on {profile.name} "
+          f"(built in {table.build_seconds:.0f} s)")
+    if args.lut_check > 0:
+        rng = random.Random(args.seed + 1)  # plans the table was not calibrated on
+        backend = make_backend(profile)
+        pairs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in range(args.lut_check):
+                plan = workload.plan({g.name: rng.choice(workload.space.ratios) for g in workload.groups})
+                model = apply_plan(workload.model, plan, workload.example_input)[0]
+                shape = (profile.batch_size, *workload.input_shape)
+                onnx_path = to_onnx(model, shape, Path(tmp) / f"check-{k}.onnx")
+                pairs.append((plan, measure_candidate(backend, str(onnx_path), model, shape).median_ms))
+        err = predictor_error(table, pairs)
+        print(f"predictor error on {err['n']} random plans it was not calibrated on: MAPE {err['mape']:.1f}%  "
+              f"max {err['max_ape']:.1f}%  bias {err['bias']:+.1f}%  Spearman {err['spearman']:.2f}  "
+              f"Kendall {err['kendall']:.2f}")
     return 0
 
 
@@ -239,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", default="hwprune", help="study name; rerun with the same name to resume")
     s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"])
     s.add_argument("--macs-objective", action="store_true", help="also minimise MACs")
+    s.add_argument("--lut", help="latency lookup table (hwprune profile --build-lut) to screen candidates with")
+    s.add_argument("--screen-margin", type=float, default=0.1,
+                   help="with --lut: skip candidates predicted over the budget by more than this fraction")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_search)
@@ -246,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="latency (median, spread), MACs, params and per-layer time of a model")
     _add_model_args(p, data_default="none")
     p.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
-    p.add_argument("--search-space", default="filters", help=argparse.SUPPRESS)
+    p.add_argument("--search-space", default="filters", help="search space whose channel counts --build-lut covers")
+    p.add_argument("--build-lut", metavar="FILE", help="measure every prunable layer at every channel count the "
+                   "search space can produce on the first profile, save the lookup table to FILE")
+    p.add_argument("--lut-check", type=int, default=5, help="with --build-lut: random plans measured to report "
+                   "the predictor's error (default 5; 0 skips)")
     p.add_argument("--run-dir", default=".", help="where the demo model is cached (default: .)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")

@@ -30,7 +30,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         m = t.user_attrs.get("metrics", {})
         state = t.state.name.lower()
         if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("feasible", True):
-            state = "infeasible"
+            state = "screened" if t.user_attrs.get("screened") else "infeasible"
         row = {
             "trial": t.number,
             "state": state,
@@ -44,6 +44,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "bytes_deployed": m.get("bytes_deployed"),
             "feasible": bool(t.user_attrs.get("feasible", False)) if t.state.is_finished() else None,
             "reason": t.user_attrs.get("reason", ""),
+            "predicted_ms": t.user_attrs.get("predicted_ms"),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "plan": t.user_attrs.get("plan", ""),
         }
@@ -100,7 +101,7 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = df[df.state == "complete"]
     feas = done[done.feasible == True]  # noqa: E712
-    infeas = df[df.state == "infeasible"]
+    infeas = df[df.state.isin(["infeasible", "screened"])]
     ax.scatter(feas[x], feas[y], s=18, c="#9ab", label="trials")
     if not infeas.empty:
         ax.scatter(infeas[x], [feas[y].min() if not feas.empty else 0] * len(infeas), marker="x", c="#c44",

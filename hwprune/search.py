@@ -44,6 +44,8 @@ class SearchConfig:
     seed: int = 0
     macs_objective: bool = False
     progress: bool = True
+    lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
+    screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -206,6 +208,7 @@ def run_search(
     stored = study.user_attrs.get("reference_ms", {})
     meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
     check_budget(workload, meter, cfg, log)
+    screen = _lut_screen(workload, meter, cfg, study, profiles, log)
     structures = offered_structures(workload, profiles) if workload.structure_layers else []
     if workload.structure_layers:
         dropped = sorted(set(workload.space.structures.allowed) - set(structures))
@@ -224,6 +227,10 @@ def run_search(
         plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if screen is not None and not dense and not plan.structures:
+            measure, predicted = screen.should_measure_plan(plan)
+            if not measure:
+                return _screened(trial, workload, plan, predicted, screen, names, meter, cfg, dense_macs)
         workdir = out / "trials" / f"trial-{trial.number}"
         try:
             outcome, _ = run_trial(
@@ -268,6 +275,61 @@ def run_search(
         if bar is not None:
             bar.close()
     return study
+
+
+def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, study: optuna.Study,
+                profiles: Sequence[DeviceProfile], log: Callable[[str], None]):
+    """A lookup-table screen for the budget profile, or None. Candidates predicted over the budget by more than
+    the margin are recorded as infeasible without being measured or trained."""
+    if cfg.lut_path is None:
+        return None
+    if cfg.latency_budget_ms is None:
+        raise ConfigError(f"--lut {cfg.lut_path} screens against a latency budget; give --latency-budget-ms too")
+    from hwprune.latency.lut import LatencyTable, LutScreen
+
+    bp = cfg.budget_profile or profiles[0].name
+    table = LatencyTable.load(cfg.lut_path, fingerprint=meter.backends[bp].fingerprint(), space=workload.space.name,
+                              model=workload.model_ref)
+    screen = LutScreen(table, cfg.latency_budget_ms, cfg.screen_margin, reference_ms=meter.reference_ms[bp])
+    if "lut" not in study.user_attrs:
+        study.set_user_attr("lut", {"path": str(cfg.lut_path), "entries": len(table.entries), "scale": table.scale,
+                                    "overhead_ms": table.overhead_ms, "margin": cfg.screen_margin})
+    log(f"screening with {cfg.lut_path} ({len(table.entries)} entries): candidates predicted over "
+        f"{cfg.latency_budget_ms * (1 + cfg.screen_margin):g} ms on {bp} are not measured")
+    return screen
+
+
+def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, screen, names: Sequence[str],
+              meter: LatencyMeter, cfg: SearchConfig, dense_macs: int) -> List[float]:
+    """Objective values of a candidate the lookup table rules out: infeasible, predicted latency, not measured."""
+    from hwprune.costs import count_macs
+    from hwprune.plan import apply_plan
+
+    bp = cfg.budget_profile or meter.profiles[0].name
+    macs = dense_macs
+    if "macs_kept" in names or "macs" in names:
+        macs = count_macs(apply_plan(workload.model, plan, workload.example_input)[0], workload.example_input)
+    reason = screen.reason(predicted)
+    trial.set_user_attr("screened", True)
+    trial.set_user_attr("predicted_ms", predicted)
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("reason", reason)
+    trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms])
+    metrics = {"accuracy": None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
+    values = []
+    for n in names:
+        if n == "accuracy":
+            values.append(0.0)  # never trained: the worst accuracy, as for measured over-budget trials
+        elif n == "macs_kept":
+            values.append(macs / dense_macs)
+        elif n == "macs":
+            values.append(float(macs))
+        else:  # predicted on the budget profile; other profiles scaled by their reference latencies
+            p = n.split(":", 1)[1]
+            values.append(predicted * meter.reference_ms[p] / meter.reference_ms[bp])
+            metrics[n] = values[-1]
+    trial.set_user_attr("metrics", metrics)
+    return values
 
 
 class _InterruptGuard:

@@ -232,3 +232,57 @@ def test_interrupt_keeps_finished_trials_and_writes_results(tmp_path, space_file
     df = pd.read_csv(run_dir / "trials.csv")
     assert (df.state == "complete").sum() >= finished
     assert b"interrupted" in err
+
+
+def test_lut_screening_skips_candidates_predicted_over_budget(tmp_path, space_file, profile_file, monkeypatch):
+    """With --lut, a candidate the table predicts far over the budget is recorded as screened: never measured,
+    never trained. The table is stubbed so the test is about the search's use of it, not about timing."""
+    from hwprune.config import load_profile
+    from hwprune.latency import lut
+    from hwprune.results import trials_frame
+    from hwprune.search import SearchConfig, run_search
+    from hwprune.workload import build_workload
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space_file))
+
+    class Table:
+        entries, scale, overhead_ms = {"x": 1.0}, 1.0, 0.0
+
+        @classmethod
+        def load(cls, *a, **k):
+            return cls()
+
+    class Screen:
+        def __init__(self, table, budget_ms, margin, reference_ms=None):
+            self.budget_ms = budget_ms
+
+        def should_measure_plan(self, plan):
+            pruned = any(r > 0 for r in plan.ratios.values())
+            return (not pruned, 1e6 if pruned else 0.0)  # every pruned plan predicted absurdly slow
+
+        def reason(self, predicted):
+            return f"predicted {predicted:g} ms > budget (not measured)"
+
+    monkeypatch.setattr(lut, "LatencyTable", Table)
+    monkeypatch.setattr(lut, "LutScreen", Screen)
+    cfg = SearchConfig(out_dir=tmp_path / "run", trials=4, progress=False, sampler="random",
+                       latency_budget_ms=1e5, lut_path=str(tmp_path / "unused.json"))
+    study = run_search(workload, [load_profile(str(profile_file))], cfg, log=lambda m: None)
+    df = trials_frame(study)
+    screened = df[df.state == "screened"]
+    assert len(screened) >= 1
+    assert screened.accuracy.isna().all() and (screened.predicted_ms == 1e6).all()
+    for t in screened.trial:
+        assert not (tmp_path / "run" / "trials" / f"trial-{t}").exists()  # no ONNX, no training, nothing
+    assert df[df.role == "dense"].iloc[0].state == "complete"
+
+
+def test_lut_without_budget_is_a_clear_error(tmp_path, space_file, profile_file):
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    rc = main(["search", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+               "--profile", str(profile_file), "--trials", "2", "--out", str(tmp_path / "run"), "--lut", "x.json",
+               "--no-progress"])
+    assert rc == 2
