@@ -28,6 +28,8 @@ import urllib.request
 from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 from hwprune.errors import BackendUnavailable, ConfigError, HwpruneError, ModelError
+from hwprune.latency.cache import file_sha256
+from hwprune.latency.onnxruntime_backend import OPTIONS as ORT_OPTIONS
 from hwprune.latency.base import (
     DeviceProfile,
     LatencyStats,
@@ -37,30 +39,11 @@ from hwprune.latency.base import (
     register_backend,
 )
 
-AGENT_OPTIONS = (
-    "provider",
-    "provider_options",
-    "device_id",
-    "threads",
-    "intra_op_threads",
-    "inter_op_threads",
-    "graph_optimization_level",
-    "execution_mode",
-    "io_binding",
-    "cpu_fallback",
-)
+AGENT_OPTIONS = ORT_OPTIONS  # forwarded to the agent, which runs ONNX Runtime on the device
 CLIENT_OPTIONS = ("url", "token", "token_env", "timeout_s", "measure_timeout_s", "retries", "backoff_s")
 OPTIONS = CLIENT_OPTIONS + AGENT_OPTIONS
 _ERROR_KINDS = {"ConfigError": ConfigError, "ModelError": ModelError, "BackendUnavailable": BackendUnavailable}
 _RETRY_STATUS = (502, 503, 504)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class AgentClient:
