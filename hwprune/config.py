@@ -128,6 +128,19 @@ def _typed(where: str, value: Any, kind: type, *, minimum: Optional[float] = Non
     return value
 
 
+def _typed_section(where: str, section: Any, types: Mapping[str, Tuple[type, Any, Any]]) -> Dict[str, Any]:
+    """A mapping whose every key is known and every value has its type and range (``types``: key -> kind, min, max)."""
+    section = section or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
+    _check_keys(where, section, types)
+    out = {}
+    for k, v in section.items():
+        kind, lo, hi = types[k]
+        out[k] = _typed(f"{where}.{k}", v, kind, minimum=lo, maximum=hi)
+    return out
+
+
 def _choice(where: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{where}: {value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -203,14 +216,7 @@ def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> Searc
     if "structures" in data:
         kw["structures"] = _parse_structures(data["structures"] or {}, source)
     if "recovery" in data:
-        rec = data["recovery"] or {}
-        if not isinstance(rec, dict):
-            raise ConfigError(f"{source}: recovery: expected a mapping, got {rec!r}")
-        _check_keys(f"{source}: recovery", rec, _RECOVERY_TYPES)
-        rkw = {}
-        for k, v in rec.items():
-            kind, lo, hi = _RECOVERY_TYPES[k]
-            rkw[k] = _typed(f"{source}: recovery.{k}", v, kind, minimum=lo, maximum=hi)
+        rkw = _typed_section(f"{source}: recovery", data["recovery"], _RECOVERY_TYPES)
         if "optimizer" in rkw:
             _choice(f"{source}: recovery.optimizer", rkw["optimizer"], OPTIMIZERS)
         kw["recovery"] = RecoveryBudget(**rkw)
@@ -285,14 +291,7 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
             raise ConfigError(f"{source}: options: expected a mapping, got {opts!r}")
         kw["options"] = dict(opts)
     if "measure" in data:
-        m = data["measure"] or {}
-        if not isinstance(m, dict):
-            raise ConfigError(f"{source}: measure: expected a mapping, got {m!r}")
-        _check_keys(f"{source}: measure", m, _MEASURE_TYPES)
-        mkw = {}
-        for k, v in m.items():
-            kind, lo, hi = _MEASURE_TYPES[k]
-            mkw[k] = _typed(f"{source}: measure.{k}", v, kind, minimum=lo, maximum=hi)
+        mkw = _typed_section(f"{source}: measure", data["measure"], _MEASURE_TYPES)
         settings = MeasureSettings(**mkw)
         if settings.min_repeats > settings.max_repeats:
             raise ConfigError(
