@@ -269,6 +269,7 @@ _MEASURE_TYPES = {
     "max_repeats": (int, 1, None),
     "target_rel_ci": (float, 0.0, 1.0),
     "time_cap_s": (float, 0.0, None),
+    "interleave_block": (int, 1, None),
 }
 
 

@@ -124,7 +124,8 @@ def test_interleaved_alternates_in_abba_order_and_ratio_survives_drift():
 
         return run
 
-    s = MeasureSettings(warmup=2, min_repeats=40, max_repeats=40, target_rel_ci=0.0, time_cap_s=1e9)
+    s = MeasureSettings(warmup=2, min_repeats=40, max_repeats=40, target_rel_ci=0.0, time_cap_s=1e9,
+                        interleave_block=1)
     pair = measure_interleaved(model(0.02, "C"), model(0.01, "R"), s, clock=clock)
     assert calls[:4] == ["C", "R", "C", "R"]  # warm-up
     assert calls[4:12] == ["C", "R", "R", "C", "C", "R", "R", "C"]
@@ -141,7 +142,8 @@ def test_interleaved_alternates_in_abba_order_and_ratio_survives_drift():
 
 def test_interleaved_stops_when_both_precise():
     clock = FakeClock()
-    s = MeasureSettings(warmup=0, min_repeats=5, max_repeats=500, target_rel_ci=0.05, time_cap_s=1e9)
+    s = MeasureSettings(warmup=0, min_repeats=5, max_repeats=500, target_rel_ci=0.05, time_cap_s=1e9,
+                        interleave_block=1)
     pair = measure_interleaved(fake_model(clock, [0.004] * 600), fake_model(clock, [0.001] * 600), s, clock=clock)
     assert pair.candidate.n == 5
     assert pair.ratio == pytest.approx(4.0)
@@ -177,3 +179,31 @@ def test_settings_from_dict():
     assert s.warmup == 1 and s.time_cap_s == 2.0 and s.min_repeats == MeasureSettings().min_repeats
     with pytest.raises(ValueError, match="unknown measure settings"):
         settings_from_dict({"warmups": 1})
+
+
+def test_interleaved_blocks_drop_the_cost_of_switching_models():
+    """The first call after switching models is slow (cold caches, the other session's threads still spinning).
+    Blocks absorb it in an untimed call; single alternation would charge it to every sample."""
+    clock = FakeClock()
+    last = {"tag": None}
+    calls: list = []
+
+    def model(base_s, tag):
+        def run():
+            calls.append(tag)
+            switch = last["tag"] is not None and last["tag"] != tag
+            clock.t += base_s * (3.0 if switch else 1.0)
+            last["tag"] = tag
+
+        return run
+
+    blocked = MeasureSettings(warmup=1, min_repeats=10, max_repeats=10, target_rel_ci=0.0, time_cap_s=1e9,
+                              interleave_block=4)
+    pair = measure_interleaved(model(0.004, "C"), model(0.001, "R"), blocked, clock=clock)
+    assert calls[2:12] == ["C"] * 5 + ["R"] * 5  # one untimed switch call, then 4 timed, per block
+    assert pair.candidate.median_ms == pytest.approx(4.0) and pair.reference.median_ms == pytest.approx(1.0)
+    assert pair.ratio == pytest.approx(4.0)
+    single = MeasureSettings(warmup=1, min_repeats=10, max_repeats=10, target_rel_ci=0.0, time_cap_s=1e9,
+                             interleave_block=1)
+    pair1 = measure_interleaved(model(0.004, "C"), model(0.001, "R"), single, clock=clock)
+    assert pair1.reference.median_ms > 1.5  # every reference call paid the switch

@@ -95,6 +95,9 @@ class MeasureSettings:
     max_repeats: int = 300
     target_rel_ci: float = 0.02  # stop when the median's 95% CI is within +-2% of the median
     time_cap_s: float = 5.0
+    # Interleaved pairs alternate blocks of this many timed calls, each after one untimed call: the first call
+    # after switching models pays for the switch (cold caches, the other session's still-spinning threads).
+    interleave_block: int = 4
 
 
 class LatencyBackend(Protocol):

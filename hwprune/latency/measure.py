@@ -132,6 +132,19 @@ def pair_from_samples(cand_ms: Sequence[float], ref_ms: Sequence[float], interle
     )
 
 
+def _block_timer(run: Callable[[], object], timed: Callable[[], float], block: int) -> Callable[[], float]:
+    """One sample of an interleaved measurement: with ``block`` > 1, an untimed call that absorbs the cost of
+    switching models, then the median of ``block`` timed calls."""
+    if block == 1:
+        return timed
+
+    def sample() -> float:
+        run()
+        return float(np.median([timed() for _ in range(block)]))
+
+    return sample
+
+
 def measure_interleaved(
     run_candidate: Callable[[], object],
     run_reference: Callable[[], object],
@@ -148,8 +161,9 @@ def measure_interleaved(
     for _ in range(settings.warmup):
         run_candidate()
         run_reference()
-    tc = _timer(run_candidate, clock, returns_ms)
-    tr = _timer(run_reference, clock, returns_ms)
+    block = max(1, int(getattr(settings, "interleave_block", 1)))
+    tc = _block_timer(run_candidate, _timer(run_candidate, clock, returns_ms), block)
+    tr = _block_timer(run_reference, _timer(run_reference, clock, returns_ms), block)
     cand: List[float] = []
     ref: List[float] = []
     started = clock()
