@@ -168,10 +168,10 @@ def cmd_prune(args) -> int:
     from hwprune.export import save_torch, to_onnx
     from hwprune.trial import LatencyMeter, run_trial
 
-    out = Path(args.out)
-    workload = _workload(args, args.search_space, run_dir=out)
     if not 0.0 <= args.ratio < 1.0:
         raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
+    out = Path(args.out)
+    workload = _workload(args, args.search_space, run_dir=out)
     meter = LatencyMeter(load_profiles(args.profile or ["cpu"]), workload.model, workload.input_shape, out,
                          cache=False)
     plan = workload.uniform_plan(args.ratio)

@@ -286,3 +286,25 @@ def test_lut_without_budget_is_a_clear_error(tmp_path, space_file, profile_file)
                "--profile", str(profile_file), "--trials", "2", "--out", str(tmp_path / "run"), "--lut", "x.json",
                "--no-progress"])
     assert rc == 2
+
+
+def test_prune_and_profile_commands(tmp_path, space_file, profile_file, capsys):
+    """`hwprune prune` writes a trial's files for one uniform plan; `hwprune profile` reports latency, costs and
+    ONNX Runtime's per-layer breakdown."""
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+                 "--profile", str(profile_file), "--ratio", "0.5", "--out", str(out)]) == 0
+    assert {"model.onnx", "model.pt", "metrics.json", "plan.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] is not None and metrics["macs"] < 329568  # the tiny net's dense MACs
+    assert main(["prune", "--model", str(model_path), "--ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()  # rejected before any work
+    capsys.readouterr()
+    assert main(["profile", "--model", str(model_path), "--input-shape", "1,8,8", "--profile", str(profile_file),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["profiles"]["fast-cpu"]
+    assert report["macs"] == 329568 and entry["latency"]["median_ms"] > 0
+    assert entry["layers"] and abs(sum(r["share"] for r in entry["layers"]) - 1.0) < 1e-6
