@@ -155,3 +155,30 @@ def test_concurrent_writers_in_processes(tmp_path):
     c = LatencyCache(path)
     assert len(c) == 400
     assert c.get("w3-99") == summarize([3.0, 100.0])
+
+
+def _open_and_put(path: str, i: int) -> None:
+    from hwprune.latency.cache import LatencyCache
+    from hwprune.latency.measure import summarize
+
+    cache = LatencyCache(path)
+    cache.put(f"key-{i}", summarize([1.0 + i, 2.0, 3.0]))
+
+
+def test_workers_creating_the_cache_at_once_do_not_fail(tmp_path):
+    """Search workers start together and all create the cache file: switching it to WAL takes a lock SQLite does
+    not wait for by itself, which once failed a worker with 'database is locked'."""
+    import multiprocessing as mp
+
+    from hwprune.latency.cache import LatencyCache
+
+    for round_ in range(3):
+        path = str(tmp_path / f"cache-{round_}.sqlite")
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=_open_and_put, args=(path, i)) for i in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert len(LatencyCache(path)) == 6

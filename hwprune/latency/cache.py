@@ -90,16 +90,29 @@ class LatencyCache:
         self.hits = 0
         self.misses = 0
         self._local = threading.local()
-        with self._connect() as con:
-            con.execute(_SCHEMA)
+        self._retrying(lambda: self._connect().execute(_SCHEMA))
+
+    def _retrying(self, fn):
+        """Run ``fn``, retrying while another process holds a lock SQLite does not wait for by itself (switching
+        to WAL and creating the table take locks that bypass the busy timeout when workers start together)."""
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.01
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def _connect(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=NORMAL")
             con.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+            self._retrying(lambda: con.execute("PRAGMA journal_mode=WAL"))
+            con.execute("PRAGMA synchronous=NORMAL")
             self._local.con = con
         return con
 
@@ -115,10 +128,9 @@ class LatencyCache:
 
     def put(self, key: str, value: Entry, meta: Optional[Dict[str, Any]] = None) -> None:
         kind = "pair" if isinstance(value, PairedLatency) else "stats"
-        self._connect().execute(
-            "INSERT OR REPLACE INTO latency (key, kind, value, meta, created) VALUES (?, ?, ?, ?, ?)",
-            (key, kind, json.dumps(value.to_dict(with_samples=True)), json.dumps(meta or {}, default=str), time.time()),
-        )
+        row = (key, kind, json.dumps(value.to_dict(with_samples=True)), json.dumps(meta or {}, default=str), time.time())
+        self._retrying(lambda: self._connect().execute(
+            "INSERT OR REPLACE INTO latency (key, kind, value, meta, created) VALUES (?, ?, ?, ?, ?)", row))
 
     def __contains__(self, key: str) -> bool:
         return self._connect().execute("SELECT 1 FROM latency WHERE key = ?", (key,)).fetchone() is not None
