@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 import shutil
 import time
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def storage_url(cfg: SearchConfig):
     if url.startswith(("redis://", "rediss://")):
         from optuna.storages.journal import JournalRedisBackend
 
-        return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.1; it is the documented Redis storage
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
     if url.endswith(".log") and "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
