@@ -166,8 +166,9 @@ def _open_and_put(path: str, i: int) -> None:
 
 
 def test_workers_creating_the_cache_at_once_do_not_fail(tmp_path):
-    """Search workers start together and all create the cache file: switching it to WAL takes a lock SQLite does
-    not wait for by itself, which once failed a worker with 'database is locked'."""
+    """Search workers start together and all create the cache file at once; every one must open it and write.
+    (A shared-storage CI run once failed a worker with 'database is locked' here; this test guards concurrent
+    creation but did not reproduce that race deterministically.)"""
     import multiprocessing as mp
 
     from hwprune.latency.cache import LatencyCache
