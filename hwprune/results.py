@@ -188,6 +188,27 @@ def _jsonable(v):
     return v
 
 
+def retime_front(workload: Workload, run_dir: Path, df: pd.DataFrame, front: pd.DataFrame, profile, settings):
+    """Yield (row, PairedLatency) for every Pareto model timed interleaved with the dense trial's model, with
+    ``settings`` (usually longer than the search's). Models are exported first where a run did not export them."""
+    import dataclasses
+
+    from hwprune.latency import make_backend
+
+    run_dir = Path(run_dir)
+    backend = make_backend(dataclasses.replace(profile, measure=settings))
+    dense = df[df.role == "dense"].iloc[0]
+    shape = (profile.batch_size, *workload.input_shape)
+    paths = {}
+    for _, row in pd.concat([dense.to_frame().T, front]).iterrows():
+        path = run_dir / "models" / f"trial-{int(row.trial)}" / "model.onnx"
+        if not path.is_file():
+            export_trial(workload, run_dir, row, path.parent)
+        paths[int(row.trial)] = str(path)
+    for _, row in front.iterrows():
+        yield row, backend.measure_onnx_pair(paths[int(row.trial)], paths[int(dense.trial)], shape)
+
+
 def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export: bool = True,
                   log=print) -> Dict[str, pd.DataFrame]:
     """trials.csv, pareto.csv, pareto.png and models/trial-N/ for every Pareto-optimal trial."""

@@ -13,7 +13,6 @@ search finishes in minutes on a 2-core machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from hwprune.config import load_profile
-from hwprune.latency import make_backend
 from hwprune.latency.base import MeasureSettings
-from hwprune.results import write_results
+from hwprune.results import retime_front, write_results
 from hwprune.search import SearchConfig, run_search
 from hwprune.workload import build_workload
 
@@ -53,17 +51,9 @@ def main(argv=None) -> int:
 
     # Re-time dense vs each Pareto model interleaved, with a longer measurement than the search used.
     settings = MeasureSettings(warmup=20, min_repeats=100, max_repeats=600, target_rel_ci=0.01, time_cap_s=6.0)
-    backend = make_backend(dataclasses.replace(profile, measure=settings))
-    dense_onnx = out / "models" / f"trial-{int(dense.trial)}" / "model.onnx"
-    if not dense_onnx.is_file():
-        from hwprune.results import export_trial
-
-        export_trial(workload, out, dense, out / "models" / f"trial-{int(dense.trial)}")
     lat_col = f"latency_ms:{profile.name}"
     rows = []
-    for _, r in front.iterrows():
-        onnx = out / "models" / f"trial-{int(r.trial)}" / "model.onnx"
-        pair = backend.measure_onnx_pair(str(onnx), str(dense_onnx), (1, *workload.input_shape))
+    for r, pair in retime_front(workload, out, df, front, profile, settings):
         rows.append({
             "trial": int(r.trial),
             "plan": "dense" if r.role == "dense" else r.plan_summary[:60],

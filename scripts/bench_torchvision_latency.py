@@ -10,7 +10,6 @@ MACs reduction with measured speedup shows where FLOPs stop predicting time on t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from hwprune.config import load_profile
-from hwprune.latency import make_backend
 from hwprune.latency.base import MeasureSettings
-from hwprune.results import write_results
+from hwprune.results import retime_front, write_results
 from hwprune.search import SearchConfig, run_search
 from hwprune.workload import build_workload
 
@@ -38,18 +36,8 @@ def bench_model(name: str, args) -> pd.DataFrame:
     df, front = tables["trials"], tables["pareto"]
     dense = df[df.role == "dense"].iloc[0]
     settings = MeasureSettings(warmup=5, min_repeats=30, max_repeats=200, target_rel_ci=0.01, time_cap_s=8.0)
-    backend = make_backend(dataclasses.replace(profile, measure=settings))
-    dense_onnx = out / "models" / f"trial-{int(dense.trial)}" / "model.onnx"
-    if not dense_onnx.is_file():
-        from hwprune.results import export_trial
-
-        export_trial(workload, out, dense, dense_onnx.parent)
     rows = []
-    for _, r in front.iterrows():
-        if r.role == "dense":
-            continue
-        pair = backend.measure_onnx_pair(str(out / "models" / f"trial-{int(r.trial)}" / "model.onnx"),
-                                         str(dense_onnx), (1, 3, 224, 224))
+    for r, pair in retime_front(workload, out, df, front[front.role != "dense"], profile, settings):
         rows.append({"model": name, "trial": int(r.trial), "macs_G": r.macs / 1e9,
                      "macs_reduction": dense.macs / r.macs, "dense_ms": pair.reference.median_ms,
                      "pruned_ms": pair.candidate.median_ms, "measured_speedup": pair.reference.median_ms / pair.candidate.median_ms,
