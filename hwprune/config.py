@@ -263,14 +263,6 @@ def load_search_space(ref: str) -> SearchSpace:
 # Device profiles
 
 _PROFILE_KEYS = ("name", "description", "backend", "batch_size", "options", "measure", "accelerates")
-_MEASURE_TYPES = {
-    "warmup": (int, 0, None),
-    "min_repeats": (int, 1, None),
-    "max_repeats": (int, 1, None),
-    "target_rel_ci": (float, 0.0, 1.0),
-    "time_cap_s": (float, 0.0, None),
-    "interleave_block": (int, 1, None),
-}
 
 
 def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProfile:
@@ -292,13 +284,7 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
             raise ConfigError(f"{source}: options: expected a mapping, got {opts!r}")
         kw["options"] = dict(opts)
     if "measure" in data:
-        mkw = _typed_section(f"{source}: measure", data["measure"], _MEASURE_TYPES)
-        settings = MeasureSettings(**mkw)
-        if settings.min_repeats > settings.max_repeats:
-            raise ConfigError(
-                f"{source}: measure.min_repeats ({settings.min_repeats}) exceeds max_repeats ({settings.max_repeats})"
-            )
-        kw["measure"] = settings
+        kw["measure"] = MeasureSettings.from_dict(data["measure"] or {}, f"{source}: measure")
     if "accelerates" in data:
         acc = data["accelerates"] or []
         if not isinstance(acc, list) or not all(isinstance(a, str) for a in acc):

@@ -7,6 +7,8 @@ import socket
 import numpy as np
 import pytest
 
+from hwprune.errors import ConfigError
+
 from hwprune.latency.base import MeasureSettings, PairedLatency
 from hwprune.latency.measure import (
     environment_fingerprint,
@@ -177,8 +179,13 @@ def test_fingerprint_is_stable_and_names_no_host():
 def test_settings_from_dict():
     s = settings_from_dict({"warmup": 1, "time_cap_s": 2})
     assert s.warmup == 1 and s.time_cap_s == 2.0 and s.min_repeats == MeasureSettings().min_repeats
-    with pytest.raises(ValueError, match="unknown measure settings"):
+    with pytest.raises(ConfigError, match="unknown key 'warmups'"):
         settings_from_dict({"warmups": 1})
+    for bad in ({"warmup": -1}, {"time_cap_s": float("nan")}, {"min_repeats": 2.5}, {"isolation": "thread"},
+                {"warmup": True}, {"min_repeats": 50, "max_repeats": 10}):
+        with pytest.raises(ConfigError):
+            settings_from_dict(bad)
+    assert settings_from_dict({"isolation": "none"}).isolation == "none"
 
 
 def test_interleaved_blocks_drop_the_cost_of_switching_models():

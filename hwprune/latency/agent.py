@@ -341,7 +341,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "settings must be a JSON object", "ConfigError")
         try:
             s = settings_from_dict(d)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, HwpruneError) as e:
             raise HttpError(400, f"bad measure settings: {e}", "ConfigError") from None
         if not (0 <= s.warmup <= 10000 and 1 <= s.min_repeats <= s.max_repeats <= 100000):
             raise HttpError(400, f"measure settings out of range: {s}", "ConfigError")

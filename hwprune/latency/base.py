@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,13 @@ class PairedLatency:
         )
 
 
+ISOLATIONS = ("auto", "process", "none")
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
-    """How long and how precisely to measure (shared by every backend)."""
+    """How long and how precisely to measure (shared by every backend). Validated once, here: a profile's
+    ``measure:`` section, the agent's requests and the worker processes all go through ``from_dict``."""
 
     warmup: int = 10
     min_repeats: int = 20
@@ -96,8 +100,62 @@ class MeasureSettings:
     target_rel_ci: float = 0.02  # stop when the median's 95% CI is within +-2% of the median
     time_cap_s: float = 5.0
     # Interleaved pairs alternate blocks of this many timed calls, each after one untimed call: the first call
-    # after switching models pays for the switch (cold caches, the other session's still-spinning threads).
+    # after switching models pays for the switch (cold caches, the other model's threads winding down).
     interleave_block: int = 4
+    # "process": every model of a comparison runs in a process of its own, as deployed (ONNX Runtime profiles;
+    # see hwprune/latency/worker.py for why). "none": both in the measuring process. "auto": process for
+    # ONNX Runtime, none for the torch backend (one OpenMP / CUDA context per process: no competing pools).
+    isolation: str = "auto"
+    # A speedup above (MACs cut) x (1 + margin) is re-measured and, if it persists, flagged as implausible.
+    plausible_margin: float = 0.25
+
+    # field -> (type, minimum, maximum or choices)
+    FIELDS: ClassVar[Dict[str, Tuple[type, Any, Any]]] = {
+        "warmup": (int, 0, 100_000),
+        "min_repeats": (int, 1, 1_000_000),
+        "max_repeats": (int, 1, 1_000_000),
+        "target_rel_ci": (float, 0.0, 1.0),
+        "time_cap_s": (float, 0.0, 86_400.0),
+        "interleave_block": (int, 1, 10_000),
+        "isolation": (str, None, ISOLATIONS),
+        "plausible_margin": (float, 0.0, 100.0),
+    }
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]], where: str = "measure settings",
+                  base: Optional["MeasureSettings"] = None) -> "MeasureSettings":
+        """Settings from a plain mapping, over ``base`` (default: the defaults). An unknown key, a wrong type or a
+        value out of range is a ConfigError naming ``where``, the key, the value and what is allowed."""
+        from hwprune.errors import ConfigError
+
+        base = base or cls()
+        if d is None:
+            return base
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {d!r}")
+        kw: Dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in cls.FIELDS:
+                raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(cls.FIELDS)}")
+            kind, lo, hi = cls.FIELDS[key]
+            if kind is str:
+                if value not in hi:
+                    raise ConfigError(f"{where}.{key}: {value!r} is not valid; choose one of: {', '.join(hi)}")
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    (kind is float or float(value).is_integer()) and lo <= value <= hi
+                if not ok or value != value:  # NaN fails every comparison but one
+                    raise ConfigError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'} in "
+                                      f"[{lo}, {hi}], got {value!r}")
+                value = kind(value)
+            kw[key] = value
+        out = dataclasses.replace(base, **kw)
+        if out.min_repeats > out.max_repeats:
+            raise ConfigError(f"{where}: min_repeats ({out.min_repeats}) exceeds max_repeats ({out.max_repeats})")
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class LatencyBackend(Protocol):
@@ -161,6 +219,30 @@ class DeviceProfile:
 
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain, JSON-ready form (what a worker process or a stored study needs to rebuild the profile)."""
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "batch_size": self.batch_size,
+            "options": dict(self.options),
+            "measure": self.measure.to_dict(),
+            "accelerates": list(self.accelerates),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DeviceProfile":
+        return cls(
+            name=str(d["name"]),
+            backend=str(d["backend"]),
+            batch_size=int(d.get("batch_size", 1)),
+            options=dict(d.get("options") or {}),
+            measure=MeasureSettings.from_dict(d.get("measure"), f"profile {d['name']}: measure"),
+            accelerates=tuple(d.get("accelerates") or ()),
+            source=d.get("source"),
+        )
 
 
 def measure_candidate(backend: LatencyBackend, onnx_path: str, module: Any, input_shape: Sequence[int]) -> LatencyStats:

@@ -256,14 +256,11 @@ def fingerprint_hash(fingerprint: Dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def settings_to_dict(settings: MeasureSettings) -> Dict[str, Any]:
+    return settings.to_dict()
+
+
 def settings_from_dict(d: Optional[Dict[str, Any]], default: MeasureSettings = MeasureSettings()) -> MeasureSettings:
-    """MeasureSettings from a plain mapping (unknown keys are an error)."""
-    if not d:
-        return default
-    valid = {f for f in MeasureSettings.__dataclass_fields__}
-    unknown = set(d) - valid
-    if unknown:
-        raise ValueError(f"unknown measure settings {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
-    kw = {k: (float(v) if k in ("target_rel_ci", "time_cap_s") else int(v)) for k, v in d.items()}
-    merged = {**{k: getattr(default, k) for k in valid}, **kw}
-    return MeasureSettings(**merged)
+    """MeasureSettings from a plain mapping (unknown keys and bad values raise ConfigError, a ValueError kind
+    callers already catch)."""
+    return MeasureSettings.from_dict(d, base=default)

@@ -328,14 +328,51 @@ class OnnxRuntimeBackend:
             extra["gpu"] = list(nvidia_gpu_names())
         return environment_fingerprint(**extra)
 
+    @property
+    def isolated(self) -> bool:
+        """Each model in a process of its own (the default; see hwprune/latency/worker.py)."""
+        return self.profile.measure.isolation in ("auto", "process")
+
     def measure_onnx(self, onnx_path: str, input_shape: Sequence[int]) -> LatencyStats:
+        if self.isolated:
+            from hwprune.latency.worker import time_alone
+
+            return time_alone(self.profile, onnx_path, input_shape)
         return measure(self.checked_runner(onnx_path, input_shape), self.profile.measure)
 
     def measure_onnx_pair(self, candidate_path: str, reference_path: str, input_shape: Sequence[int]) -> PairedLatency:
-        """Candidate and reference timed alternately in the same window; see ``measure_interleaved``."""
+        """Candidate and reference timed alternately in the same window, each in its own process (or both in this
+        one with ``isolation: none``); see ``measure_interleaved``."""
+        if self.isolated:
+            from hwprune.latency.worker import ModelProcess, measure_pair_in_processes
+
+            ref = self._reference_process(reference_path, input_shape)
+            with ModelProcess(self.profile, candidate_path, input_shape) as cand:
+                return measure_pair_in_processes(cand, ref, self.profile.measure)
         cand = self.checked_runner(candidate_path, input_shape)
         ref = self.checked_runner(reference_path, input_shape)
         return measure_interleaved(cand, ref, self.profile.measure)
+
+    def _reference_process(self, path: str, input_shape: Sequence[int]):
+        """The reference model's worker, kept for the next pair (a search times every candidate against it)."""
+        from hwprune.latency.worker import ModelProcess
+
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(int(d) for d in input_shape))
+        held = getattr(self, "_reference_worker", None)
+        if held is not None and held[0] == key and held[1].alive():
+            return held[1]
+        self.close()
+        proc = ModelProcess(self.profile, path, input_shape)
+        self._reference_worker = (key, proc)
+        return proc
+
+    def close(self) -> None:
+        """Stop the reference worker process, if any (it also stops by itself when this process exits)."""
+        held = getattr(self, "_reference_worker", None)
+        if held is not None:
+            held[1].close()
+            self._reference_worker = None
 
 
 @register_backend("onnxruntime")
