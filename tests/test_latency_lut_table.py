@@ -1,15 +1,18 @@
-"""The latency table's statistics and interpolation against closed-form values on small inputs worked by hand:
-the Theil-Sen calibration fit (and its fallbacks), Spearman and Kendall tau-b (with ties), and linear / bilinear
-interpolation between entries."""
+"""The latency table's arithmetic on hand-made tables and small inputs worked by hand: the Theil-Sen calibration
+fit (and its fallbacks), Spearman and Kendall tau-b (with ties), linear / bilinear interpolation between entries,
+and prediction from plans in a process that cannot import torch."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from hwprune.latency.lut import LatencyTable, TableMiss, fit_calibration, kendall, predictor_error, spearman
-from hwprune.latency.lut.trace import op_key
+from hwprune.latency.lut.trace import LayerCall, op_key
 
 
 def points(sums, measured):
@@ -79,3 +82,28 @@ def test_interpolation_closed_form():
             t.lookup(outside)
     with pytest.raises(TableMiss):
         t.lookup(op_key(CONV, 6, 12, 1), interpolate=False)
+
+
+def test_plan_prediction_needs_no_torch(tmp_path):
+    """Loading a table and predicting plans (screening a search's candidates) is arithmetic: it must work where
+    torch cannot be imported, with the rounding rule serving a ratio the table was not built with."""
+    conv = LayerCall("c", "Conv2d", 3, 8, 1, (3, 3), (1, 1), (1, 1), (1, 1), False, "zeros", (8, 8), True, "ReLU")
+    t = table_of({conv.key(3, 8, 1): 2.0, conv.key(3, 4, 1): 1.0})
+    t.layers, t.outs, t.channels = [conv], {"c": [("c", 1)]}, {"c": 8}
+    t.removed, t.ratios, t.scale, t.overhead_ms = {"c": {"0.0": 0, "0.5": 4}}, [0.0, 0.5], 2.0, 0.5
+    path = t.save(tmp_path / "lut.json")
+    code = (
+        "import sys, json\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked here')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from hwprune.latency.lut import LatencyTable\n"
+        f"t = LatencyTable.load({str(path)!r})\n"
+        "print(json.dumps([t.predict_plan({'c': r}) for r in (0.0, 0.5, 0.25)] + ['torch' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # 0.25 of 8 channels removes 2 (rounding rule): 6 outputs, halfway between the entries for 4 and 8
+    *predicted, torch_loaded = json.loads(out.stdout)
+    assert predicted == pytest.approx([2 * 2.0 + 0.5, 2 * 1.0 + 0.5, 2 * 1.5 + 0.5]) and not torch_loaded
