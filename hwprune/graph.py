@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from hwprune.errors import ModelError
+from hwprune.rounding import ratio_keeping_round_to
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -94,17 +95,11 @@ def _importance(criterion: str):
 
 
 def _keep_at_least_round_to(module: nn.Module, ratio: float, round_to: Optional[int]) -> float:
-    """torch-pruning rounds the channels that remain *down* to a multiple of ``round_to``; when that gives 0 it
-    prunes nothing at all, so a larger ratio would leave a layer wider than a smaller one (8 channels, round_to 4:
-    ratio 0.5 keeps 4, ratio 0.6 kept all 8). Ask instead for exactly ``round_to`` channels to remain there."""
+    """The ratio to ask torch-pruning for at ``module`` (see ``rounding.ratio_keeping_round_to``)."""
     weight = getattr(module, "weight", None)
     if not round_to or weight is None or weight.dim() == 0:
         return ratio
-    n = int(weight.shape[0])
-    if n <= round_to or int(n * (1 - ratio)) >= round_to:
-        return ratio
-    # torch-pruning keeps int(n * (1 - ratio')) channels; the half channel guards against float rounding
-    return 1.0 - (round_to + 0.5) / n
+    return ratio_keeping_round_to(int(weight.shape[0]), ratio, round_to)
 
 
 def prune_groups(
