@@ -44,6 +44,8 @@ def cmd_search(args) -> int:
     from hwprune.results import write_results
     from hwprune.search import SearchConfig, run_search
 
+    if args.verify_rounds < 0:
+        raise HwpruneError(f"--verify-rounds {args.verify_rounds} must be 0 (skip) or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles(args.profile or ["cpu"])
@@ -53,7 +55,8 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
-                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin)
+                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
+                       allow_device_change=args.allow_device_change)
     interrupted = False
     study = None
     try:
@@ -67,7 +70,46 @@ def cmd_search(args) -> int:
         study = open_study(cfg, objective_names(workload, profiles, cfg.macs_objective), load_only=True)
     tables = write_results(study, workload, out, export=not args.no_export, log=_log)
     _print_summary(tables, out)
+    if not interrupted and not args.no_export and args.verify_rounds > 0 and not tables["pareto"].empty:
+        _verify_front(out, args.verify_rounds, args.verify_tolerance)
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
+    """Re-time the front alone (ground truth) and print reported vs isolated speedups; True when all agree."""
+    from hwprune.verify import format_rows, verify_run
+
+    _log(f"verifying the front: every model timed alone in a fresh process, {rounds} rounds "
+         f"(skip with --verify-rounds 0)")
+    rows = verify_run(out, rounds=rounds, tolerance=tolerance, log=_log)
+    if not rows:
+        return True
+    print(format_rows(rows, tolerance))
+    bad = [r for r in rows if abs(r.rel_error) > tolerance]
+    noisy = [r for r in bad if r.spread > tolerance]
+    if bad:
+        print(f"{len(bad)} of {len(rows)} reported speedups differ from the models timed alone by more than "
+              f"{100 * tolerance:g}%" + (f" ({len(noisy)} of them on a machine whose own run-to-run spread exceeds "
+                                        f"that; see 'alone range')" if noisy else "")
+              + f"; pareto.csv carries both figures (isolated_speedup:*)")
+    else:
+        print(f"all {len(rows)} reported speedups agree with the models timed alone within {100 * tolerance:g}%")
+    return not bad
+
+
+def cmd_verify(args) -> int:
+    if not 0 < args.tolerance < 1:
+        raise HwpruneError(f"--tolerance {args.tolerance} must be a fraction in (0, 1), e.g. 0.05 for 5%")
+    from hwprune.verify import format_rows, verify_run
+
+    rows = verify_run(Path(args.run), profile_names=args.profile, rounds=args.rounds, tolerance=args.tolerance,
+                      log=_log)
+    if not rows:
+        raise RunError(f"nothing to verify in {args.run}: no ONNX Runtime profile with front models")
+    print(format_rows(rows, args.tolerance))
+    bad = [r for r in rows if abs(r.rel_error) > args.tolerance]
+    print(f"{len(rows) - len(bad)} of {len(rows)} within {100 * args.tolerance:g}%; wrote {Path(args.run) / 'verify.csv'}")
+    return EXIT_ERROR if bad else 0
 
 
 def _print_summary(tables, out: Path) -> None:
@@ -175,7 +217,10 @@ def cmd_prune(args) -> int:
     meter = LatencyMeter(load_profiles(args.profile or ["cpu"]), workload.model, workload.input_shape, out,
                          cache=False)
     plan = workload.uniform_plan(args.ratio)
-    outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
+    try:
+        outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
+    finally:
+        meter.close()
     for f in list(out.glob("model-b*.onnx")) + list(out.glob("reference/*.onnx")):
         f.unlink()
     if (out / "reference").is_dir():
@@ -279,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screen-margin", type=float, default=0.1,
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
+    s.add_argument("--verify-rounds", type=int, default=3,
+                   help="re-time the exported front alone, each model in a fresh process, this many rounds (0: skip)")
+    s.add_argument("--verify-tolerance", type=float, default=0.05, help="relative error reported as a disagreement")
+    s.add_argument("--allow-device-change", action="store_true",
+                   help="resume or join a study measured on a device with another fingerprint")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_search)
 
@@ -316,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--storage")
     e.add_argument("--study", default="hwprune")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="re-time a run's dense and front models alone, each in a fresh process, and "
+                                      "compare with the speedups the search reported")
+    v.add_argument("--run", required=True, help="run directory of a search")
+    v.add_argument("--profile", action="append", help="only this profile (repeatable; default: every profile)")
+    v.add_argument("--rounds", type=int, default=3, help="rounds, in rotating order (default 3)")
+    v.add_argument("--tolerance", type=float, default=0.05, help="largest relative error accepted (default 0.05)")
+    v.set_defaults(func=cmd_verify)
 
     t = sub.add_parser("structures", help="the sparse-structure catalog and which structures speed up each profile")
     t.add_argument("--profile", action="append")

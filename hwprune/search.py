@@ -47,6 +47,7 @@ class SearchConfig:
     progress: bool = True
     lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
     screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
+    allow_device_change: bool = False  # resume / join a study measured on a device with another fingerprint
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -178,6 +179,46 @@ def check_budget(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, log
         )
 
 
+def check_same_device(study: optuna.Study, meter: LatencyMeter, allow: bool, log: Callable[[str], None]) -> None:
+    """A study's latencies are comparable only when every worker and every resume measures on the same device
+    and software (CPU, cores, library versions, profile options). Refuse to mix them unless told to."""
+    from hwprune.latency.measure import fingerprint_hash
+
+    stored = study.user_attrs.get("fingerprints") or {}
+    for name, fp in meter.fingerprints().items():
+        old = stored.get(name)
+        if old is None or fingerprint_hash(old) == fingerprint_hash(fp):
+            continue
+        diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in diff[:3])
+        if not allow:
+            raise RunError(
+                f"study {study.study_name!r} was measured on profile {name!r} with another device or software "
+                f"({detail}); its latencies would not be comparable. Use a new --study/--out, or pass "
+                f"--allow-device-change to mix them anyway")
+        log(f"warning: profile {name!r} differs from the study's device ({detail}); mixing as asked")
+
+
+def use_study_reference(study: optuna.Study, meter: LatencyMeter, log: Callable[[str], None]) -> None:
+    """Every worker and every resume scales its same-window ratios by the study's one reference latency (timed
+    alone when the study was created), so figures from all of them are on one scale. This worker's own reading
+    of the reference is compared with it: a large difference says the machine changed speed."""
+    from hwprune.latency import LatencyStats
+
+    stored = study.user_attrs.get("reference") or {}
+    for name, d in stored.items():
+        if name not in meter.reference_stats:
+            continue
+        ref = LatencyStats.from_dict(d)
+        now = meter.reference_stats[name].median_ms
+        if ref.median_ms > 0 and abs(now / ref.median_ms - 1) > 0.10:
+            log(f"note: the dense model times {now:.3f} ms on {name} now vs {ref.median_ms:.3f} ms when the study "
+                f"began ({100 * (now / ref.median_ms - 1):+.0f}%); reported latencies stay on the study's scale "
+                f"(ratios are measured in the same window, so they are unaffected)")
+        meter.reference_stats[name] = ref
+        meter.reference_ms[name] = ref.median_ms
+
+
 def run_search(
     workload: Workload,
     profiles: Sequence[DeviceProfile],
@@ -192,6 +233,18 @@ def run_search(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
+    try:
+        return _run_search(workload, profiles, cfg, meter, log)
+    finally:
+        meter.close()
+
+
+def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: SearchConfig, meter: LatencyMeter,
+                log: Callable[[str], None]) -> optuna.Study:
+    out = Path(cfg.out_dir)
+    from hwprune.verify import save_profiles
+
+    save_profiles(out, profiles)
     names = objective_names(workload, profiles, cfg.macs_objective)
     study = open_study(cfg, names)
     if "objectives" not in study.user_attrs:
@@ -207,9 +260,9 @@ def run_search(
         study.set_user_attr("fingerprints", meter.fingerprints())
         study.set_user_attr("seed", cfg.seed)
         study.set_user_attr("reference_ms", meter.reference_ms)
-    # Every worker and every resume scales its same-window ratios by the one reference latency of the study.
-    stored = study.user_attrs.get("reference_ms", {})
-    meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
+        study.set_user_attr("reference", {k: v.to_dict() for k, v in meter.reference_stats.items()})
+    check_same_device(study, meter, cfg.allow_device_change, log)
+    use_study_reference(study, meter, log)
     check_budget(workload, meter, cfg, log)
     screen = _lut_screen(workload, meter, cfg, study, profiles, log)
     structures = offered_structures(workload, profiles) if workload.structure_layers else []

@@ -21,6 +21,8 @@ from hwprune.latency import (
     PairedLatency,
     cached_measure,
     cached_measure_pair,
+    cache_key,
+    file_sha256,
     make_backend,
     onnx_architecture_hash,
 )
@@ -29,14 +31,26 @@ from hwprune.recover import evaluate, recover
 from hwprune.workload import Workload
 
 
+# Structures whose speed depends on weight VALUES (which entries are zero), not only on the architecture: where a
+# profile accelerates one of them, two exports of one architecture may differ in latency, so the cache keys on the
+# file's bytes rather than on the architecture.
+_SHAPE_ONLY_STRUCTURES = {"filter", "channel", "depth", "strided"}
+
+
+def weights_matter(profile: DeviceProfile) -> bool:
+    return any(s not in _SHAPE_ONLY_STRUCTURES for s in profile.accelerates)
+
+
 class LatencyMeter:
     """Measures candidates on every profile, each interleaved with the dense reference in the same time window.
 
-    A candidate's reported latency is drift-corrected: (candidate/reference ratio, measured in one window) x
-    (the reference's latency measured once when the meter was created). On a shared, noisy machine the ratio is
-    far more repeatable than any absolute figure; the raw candidate median is kept beside it. Results are cached
-    by ONNX architecture and device fingerprint, so a repeated architecture is measured once (across resumes too).
-    Backends are created here: a profile whose backend is missing fails before any trial runs.
+    On ONNX Runtime profiles each model runs in a worker process of its own (``measure.isolation``), as it would
+    deployed. A candidate's reported latency is drift-corrected: (candidate/reference ratio, measured in one
+    window) x (the reference's latency, timed alone in a fresh process when the meter was created, with its CI);
+    the raw candidate median is kept beside it. A speedup larger than the MACs cut allows is re-measured and, if
+    it persists, flagged. Results are cached by model identity, device fingerprint, shape and measurement
+    settings, so a repeated architecture is measured once (across resumes too). Backends are created here: a
+    profile whose backend is missing fails before any trial runs.
     """
 
     def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module, input_shape: Sequence[int],
@@ -49,7 +63,8 @@ class LatencyMeter:
         self.cache = LatencyCache(self.workdir / "latency_cache.sqlite") if cache else None
         ref_dir = self.workdir / "reference"
         self.reference_onnx = self._export(reference, ref_dir)
-        self.reference_ms = {p.name: self._reference_stats(p).median_ms for p in self.profiles}
+        self.reference_stats = {p.name: self._reference_stats(p) for p in self.profiles}
+        self.reference_ms = {name: s.median_ms for name, s in self.reference_stats.items()}
 
     def _export(self, model: nn.Module, workdir: Path) -> Dict[int, Path]:
         out = {}
@@ -62,37 +77,82 @@ class LatencyMeter:
     def _shape(self, p: DeviceProfile):
         return (p.batch_size, *self.input_shape)
 
+    def _hash(self, p: DeviceProfile, path: str) -> str:
+        return file_sha256(path) if weights_matter(p) else onnx_architecture_hash(path)
+
     def _reference_stats(self, p: DeviceProfile) -> LatencyStats:
         path = str(self.reference_onnx[p.batch_size])
         return cached_measure(self.cache, self.backends[p.name], path, self.reference, self._shape(p),
-                              model_hash=onnx_architecture_hash(path))
+                              model_hash=self._hash(p, path), settings=p.measure.to_dict())
 
     def fingerprints(self) -> Dict[str, Dict[str, Any]]:
         return {name: b.fingerprint() for name, b in self.backends.items()}
 
-    def measure(self, model: nn.Module, workdir: Path) -> Dict[str, "ProfileLatency"]:
+    def dense_macs(self, example_input: torch.Tensor) -> int:
+        if getattr(self, "_dense_macs", None) is None:
+            from hwprune.costs import count_macs
+
+            self._dense_macs = count_macs(self.reference, example_input)
+        return self._dense_macs
+
+    def measure(self, model: nn.Module, workdir: Path, macs_cut: Optional[float] = None) -> Dict[str, "ProfileLatency"]:
+        """Latency on every profile. ``macs_cut`` (dense MACs / the candidate's effective MACs) arms the
+        plausibility guard: a speedup above ``macs_cut * (1 + measure.plausible_margin)`` is measured again,
+        uncached, and flagged if it persists."""
         onnx = self._export(model, workdir)
         out = {}
         for p in self.profiles:
             path, ref_path = str(onnx[p.batch_size]), str(self.reference_onnx[p.batch_size])
-            pair = cached_measure_pair(
-                self.cache, self.backends[p.name], path, model, ref_path, self.reference, self._shape(p),
-                model_hash=onnx_architecture_hash(path), reference_hash=onnx_architecture_hash(ref_path),
-            )
-            out[p.name] = ProfileLatency(pair, self.reference_ms[p.name])
+
+            def pair(cache):
+                return cached_measure_pair(
+                    cache, self.backends[p.name], path, model, ref_path, self.reference, self._shape(p),
+                    model_hash=self._hash(p, path), reference_hash=self._hash(p, ref_path),
+                    settings=p.measure.to_dict(),
+                )
+
+            lat = ProfileLatency(pair(self.cache), self.reference_stats[p.name])
+            limit = None if not macs_cut else macs_cut * (1.0 + p.measure.plausible_margin)
+            if limit is not None and lat.speedup > limit:
+                first = lat.speedup
+                lat = ProfileLatency(pair(None), self.reference_stats[p.name])  # again, bypassing the cache
+                if lat.speedup > limit:
+                    lat.flag = (f"implausible: {lat.speedup:.2f}x faster (measured twice: {first:.2f}x, "
+                                f"{lat.speedup:.2f}x) with only {macs_cut:.2f}x fewer MACs")
+                elif self.cache is not None:  # the first reading was the outlier: keep the sane one
+                    self.cache.put(cache_key(self._hash(p, path), self.backends[p.name].fingerprint(),
+                                             self._shape(p), self._hash(p, ref_path), p.measure.to_dict()),
+                                   lat.pair)
+            out[p.name] = lat
         return out
 
+    def close(self) -> None:
+        """Stop worker processes the backends hold."""
+        for b in self.backends.values():
+            close = getattr(b, "close", None)
+            if close is not None:
+                close()
 
-@dataclass(frozen=True)
+
+@dataclass
 class ProfileLatency:
     """A candidate's latency on one profile: the interleaved pair and the drift-corrected median."""
 
     pair: PairedLatency
-    reference_ms: float  # the reference's median when the meter was created
+    reference: LatencyStats  # the reference timed alone when the meter was created (median and CI)
+    flag: str = ""  # non-empty when the plausibility guard flagged the measurement
+
+    @property
+    def reference_ms(self) -> float:
+        return self.reference.median_ms
 
     @property
     def ratio(self) -> float:
         return self.pair.pair_ratio_median
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.ratio if self.ratio > 0 else float("inf")
 
     @property
     def median_ms(self) -> float:
@@ -149,6 +209,8 @@ class TrialOutcome:
             m[f"latency_p90_ms:{name}"] = raw.p90_ms
             m[f"latency_cv:{name}"] = raw.cv
             m[f"latency_n:{name}"] = raw.n
+            m[f"latency_reference_ms:{name}"] = lat.pair.reference.median_ms  # the dense model in the same window
+            m[f"latency_flag:{name}"] = lat.flag
         m.update({f"seconds:{k}": v for k, v in self.seconds.items()})
         return m
 
@@ -174,10 +236,12 @@ def run_trial(
     (workdir / "plan.json").write_text(plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
-    latency = meter.measure(model, workdir)
+    outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0}, structures=[r.to_dict() for r in reports])
+    dense_macs = meter.dense_macs(workload.example_input)
+    macs_cut = dense_macs / outcome.macs_effective if outcome.macs_effective > 0 and dense_macs else None
+    latency = outcome.latency = meter.measure(model, workdir, macs_cut=macs_cut)
     t2 = time.perf_counter()
-    outcome = TrialOutcome(plan, costs, latency, seconds={"prune": t1 - t0, "measure": t2 - t1},
-                           structures=[r.to_dict() for r in reports])
+    outcome.seconds["measure"] = t2 - t1
     if budget_ms is not None:
         name = budget_profile or meter.profiles[0].name
         if latency[name].median_ms > budget_ms:

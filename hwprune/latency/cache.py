@@ -65,8 +65,8 @@ def cache_key(
     reference_hash: Optional[str] = None,
     settings: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """The cache key of one measurement. ``settings`` (warm-up, repeats...) are left out by default: they change
-    the precision of a number, not what it measures."""
+    """The cache key of one measurement. Pass ``settings`` (the profile's measure settings) wherever they can
+    change what is measured (isolation, interleaving): a number is reused only for the same method."""
     parts = {
         "model": model_hash,
         "device": fingerprint_hash(fingerprint),
@@ -165,6 +165,7 @@ def cached_measure(
     module: Any,
     input_shape: Sequence[int],
     model_hash: Optional[str] = None,
+    settings: Optional[Dict[str, Any]] = None,
 ) -> LatencyStats:
     """Latency from the cache, or measured (with ``measure_candidate``) and stored. ``model_hash`` defaults to the
     sha256 of the ONNX file (ONNX backends) or ``architecture_hash(module)`` (the torch backend); pass
@@ -172,7 +173,7 @@ def cached_measure(
     if cache is None:
         return measure_candidate(backend, onnx_path, module, input_shape)  # type: ignore[arg-type]
     mh = _model_hash(backend, onnx_path, module, input_shape, model_hash)
-    key = cache_key(mh, backend.fingerprint(), input_shape)
+    key = cache_key(mh, backend.fingerprint(), input_shape, settings=settings)
     hit = cache.get(key)
     if isinstance(hit, LatencyStats):
         return hit
@@ -191,6 +192,7 @@ def cached_measure_pair(
     input_shape: Sequence[int],
     model_hash: Optional[str] = None,
     reference_hash: Optional[str] = None,
+    settings: Optional[Dict[str, Any]] = None,
 ) -> PairedLatency:
     """Like ``cached_measure`` for a candidate measured interleaved with the reference (dense) model."""
     def measure() -> PairedLatency:
@@ -202,7 +204,7 @@ def cached_measure_pair(
         return measure()
     mh = _model_hash(backend, onnx_path, module, input_shape, model_hash)
     rh = _model_hash(backend, reference_onnx_path, reference_module, input_shape, reference_hash)
-    key = cache_key(mh, backend.fingerprint(), input_shape, reference_hash=rh)
+    key = cache_key(mh, backend.fingerprint(), input_shape, reference_hash=rh, settings=settings)
     hit = cache.get(key)
     if isinstance(hit, PairedLatency):
         return hit

@@ -1,0 +1,170 @@
+"""Ground truth for a run's latency figures: the dense model and every exported Pareto model, each timed ALONE in a
+fresh process with the profile's settings (what a deployed model sees), over several rounds in rotating order,
+compared with the speedups the search reported.
+
+    hwprune verify --run RUN_DIR [--profile P] [--rounds 3] [--tolerance 0.05]
+
+Writes ``RUN_DIR/verify.csv`` (one row per profile and model), adds ``isolated_speedup:P``, ``isolated_ms:P`` and
+``verify_error:P`` to ``pareto.csv`` and each model's ``metrics.json``, and returns the rows; the CLI exits 2
+when any relative error exceeds the tolerance.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pandas as pd
+
+from hwprune.errors import RunError
+from hwprune.fileio import write_text_atomic
+from hwprune.latency.base import DeviceProfile
+
+PROFILES_FILE = "profiles.json"
+
+
+@dataclass
+class VerifyRow:
+    profile: str
+    trial: int
+    reported_speedup: float  # 1 / the in-search same-window ratio to the dense model
+    isolated_speedup: float  # median over rounds of (dense alone / model alone), each in a fresh process
+    isolated_min: float  # spread of the per-round isolated speedups
+    isolated_max: float
+    rel_error: float  # reported / isolated - 1
+    model_ms: float  # median over rounds of the model's own median, alone
+    dense_ms: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """Half the relative width of the isolated speedup's range over rounds: the ground truth's own noise."""
+        return (self.isolated_max - self.isolated_min) / 2.0 / self.isolated_speedup if self.isolated_speedup else 0.0
+
+
+def save_profiles(run_dir: Path, profiles: Sequence[DeviceProfile]) -> None:
+    """Record the profiles a run measured with, by content (so verify works after the YAML files moved)."""
+    write_text_atomic(Path(run_dir) / PROFILES_FILE, json.dumps([p.to_dict() for p in profiles], indent=2))
+
+
+def load_run_profiles(run_dir: Path) -> List[DeviceProfile]:
+    path = Path(run_dir) / PROFILES_FILE
+    if not path.is_file():
+        raise RunError(f"{path} does not exist; is {run_dir} the --out of a hwprune search (made by this version)?")
+    return [DeviceProfile.from_dict(d) for d in json.loads(path.read_text())]
+
+
+def _model_file(run_dir: Path, trial: int, batch: int) -> Path:
+    """The exported ONNX of a front model at the profile's batch size (re-exported from model.pt if needed)."""
+    folder = run_dir / "models" / f"trial-{trial}"
+    onnx_path = folder / "model.onnx"
+    if not onnx_path.is_file():
+        raise RunError(f"{onnx_path} does not exist; export the front first: hwprune export --run {run_dir} --pareto")
+    if batch == 1:
+        return onnx_path
+    import torch
+
+    from hwprune.export import to_onnx
+
+    out = run_dir / "verify" / f"b{batch}" / f"trial-{trial}.onnx"
+    if not out.is_file():
+        model = torch.load(folder / "model.pt", weights_only=False)  # this run's own export
+        shape = json.loads((folder / "metrics.json").read_text())["input_shape"][1:]
+        to_onnx(model, (batch, *shape), out)
+    return out
+
+
+def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int,
+                     log: Callable[[str], None] = print) -> Dict[str, List[float]]:
+    """Median latency of every file in every round, each timed alone in a fresh process; the order rotates
+    between rounds so that no file always runs first (or right after the same neighbour)."""
+    from hwprune.latency.worker import time_alone
+
+    names = list(files)
+    out: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            out[n].append(time_alone(profile, str(files[n]), _onnx_shape(files[n])).median_ms)
+        log(f"verify [{profile.name}] round {r + 1}/{rounds} done")
+    return out
+
+
+def _onnx_shape(path: Path) -> List[int]:
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+
+
+def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rounds: int = 3,
+               tolerance: float = 0.05, log: Callable[[str], None] = print) -> List[VerifyRow]:
+    run_dir = Path(run_dir)
+    if rounds < 1:
+        raise RunError(f"--rounds {rounds} must be at least 1")
+    pareto_path = run_dir / "pareto.csv"
+    if not pareto_path.is_file():
+        raise RunError(f"{pareto_path} does not exist; is {run_dir} a finished hwprune search (--out)?")
+    front = pd.read_csv(pareto_path)
+    profiles = load_run_profiles(run_dir)
+    if profile_names:
+        known = {p.name for p in profiles}
+        unknown = [n for n in profile_names if n not in known]
+        if unknown:
+            raise RunError(f"profile {unknown[0]!r} was not measured in {run_dir}; choose from: {', '.join(known)}")
+        profiles = [p for p in profiles if p.name in profile_names]
+    rows: List[VerifyRow] = []
+    for p in profiles:
+        if p.backend != "onnxruntime":
+            log(f"verify: skipping profile {p.name!r} (backend {p.backend}): timing alone in a fresh process is "
+                f"implemented for ONNX Runtime profiles")
+            continue
+        ratio_col = f"latency_ratio:{p.name}"
+        if ratio_col not in front.columns:
+            raise RunError(f"{pareto_path} has no column {ratio_col}; rerun the search with this version")
+        dense_path = run_dir / "reference" / f"model-b{p.batch_size}.onnx"
+        if not dense_path.is_file():
+            raise RunError(f"{dense_path} (the dense model the search compared against) is missing")
+        files = {"dense": dense_path}
+        trials = [int(t) for t in front.trial if front.loc[front.trial == t, ratio_col].notna().all()]
+        for t in trials:
+            files[f"trial-{t}"] = _model_file(run_dir, t, p.batch_size)
+        times = time_files_alone(p, files, rounds, log)
+        for t in trials:
+            per_round = [d / m for d, m in zip(times["dense"], times[f"trial-{t}"])]
+            iso = statistics.median(per_round)
+            ratio = float(front.loc[front.trial == t, ratio_col].iloc[0])
+            reported = 1.0 / ratio
+            rows.append(VerifyRow(p.name, t, reported, iso, min(per_round), max(per_round), reported / iso - 1.0,
+                                  statistics.median(times[f"trial-{t}"]), statistics.median(times["dense"]), rounds))
+    _write(run_dir, front, rows)
+    return rows
+
+
+def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow]) -> None:
+    if not rows:
+        return
+    table = pd.DataFrame([{**asdict(r), "isolated_spread": r.spread} for r in rows])
+    write_text_atomic(run_dir / "verify.csv", table.to_csv(index=False))
+    for r in rows:
+        sel = front.trial == r.trial
+        front.loc[sel, f"isolated_speedup:{r.profile}"] = r.isolated_speedup
+        front.loc[sel, f"isolated_ms:{r.profile}"] = r.model_ms
+        front.loc[sel, f"verify_error:{r.profile}"] = r.rel_error
+        metrics = run_dir / "models" / f"trial-{r.trial}" / "metrics.json"
+        if metrics.is_file():
+            m = json.loads(metrics.read_text())
+            m.setdefault("verify", {})[r.profile] = {**asdict(r), "isolated_spread": r.spread}
+            write_text_atomic(metrics, json.dumps(m, indent=2, sort_keys=True))
+    write_text_atomic(run_dir / "pareto.csv", front.to_csv(index=False))
+
+
+def format_rows(rows: Sequence[VerifyRow], tolerance: float) -> str:
+    lines = [f"{'profile':<14} {'trial':>5} {'reported':>9} {'alone':>9} {'alone range':>15} {'error':>8}"]
+    for r in rows:
+        mark = "  EXCEEDS" if abs(r.rel_error) > tolerance else ""
+        lines.append(f"{r.profile:<14} {r.trial:>5} {r.reported_speedup:>8.2f}x {r.isolated_speedup:>8.2f}x "
+                     f"{r.isolated_min:>6.2f}-{r.isolated_max:<6.2f}x  {100 * r.rel_error:>+6.1f}%{mark}")
+    return "\n".join(lines)
