@@ -129,9 +129,7 @@ class LatencyMeter:
     def close(self) -> None:
         """Stop worker processes the backends hold."""
         for b in self.backends.values():
-            close = getattr(b, "close", None)
-            if close is not None:
-                close()
+            b.close()
 
 
 @dataclass

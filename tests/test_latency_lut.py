@@ -28,6 +28,7 @@ from hwprune.latency.lut import (
     screen,
     trace_layers,
 )
+from hwprune.latency.base import OnnxFileBackend
 from hwprune.latency.measure import summarize
 from hwprune.models import DemoNet
 from hwprune.workload import Workload
@@ -35,7 +36,7 @@ from hwprune.workload import Workload
 FAST = MeasureSettings(warmup=2, min_repeats=5, max_repeats=20, target_rel_ci=0.05, time_cap_s=0.3)
 
 
-class SizeBackend:
+class SizeBackend(OnnxFileBackend):
     """Latency := ONNX file size in MB (monotone in the weights a layer holds): deterministic and instant."""
 
     name = "size"

@@ -16,7 +16,7 @@ from hwprune.cli import main
 from hwprune.config import load_profile, parse_profile
 from hwprune.errors import ModelError, RunError
 from hwprune.export import to_onnx
-from hwprune.latency.base import DeviceProfile, MeasureSettings, PairedLatency
+from hwprune.latency.base import DeviceProfile, LatencyBackend, MeasureSettings, PairedLatency
 from hwprune.latency.measure import pair_from_samples
 from hwprune.latency.worker import ModelProcess, measure_pair_in_processes, time_alone
 
@@ -102,12 +102,14 @@ def test_backend_pair_uses_worker_processes_unless_told_not_to(two_models, monke
 # the plausibility guard
 
 
-class _FakeBackend:
+class _FakeBackend(LatencyBackend):
     name = "fake"
-    input_kind = "onnx"
 
     def fingerprint(self):
         return {"fake": 1}
+
+    def measure(self, model):
+        raise AssertionError("the meter's measurements are faked in these tests")
 
 
 def _fake_pair(ratio: float) -> PairedLatency:

@@ -5,6 +5,8 @@ from hwprune.latency.base import (  # noqa: F401
     LatencyBackend,
     LatencyStats,
     MeasureSettings,
+    ModelArtifact,
+    OnnxFileBackend,
     PairedLatency,
     backend_names,
     batched_shape,

@@ -6,9 +6,10 @@ library) can share these types.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -158,22 +159,76 @@ class MeasureSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-class LatencyBackend(Protocol):
-    """What a device profile's backend provides.
+@dataclass(frozen=True)
+class ModelArtifact:
+    """What a backend measures: the exported ONNX file and the PyTorch module it came from (each backend uses the
+    form it runs), at ``input_shape`` (batch first; backends set the batch to the profile's ``batch_size``)."""
 
-    Optional, used when present: ``input_kind`` ("onnx" by default, "torch" for backends that time PyTorch
-    modules with ``measure_module(module, input_shape)`` and ``measure_module_pair(module, reference, shape)``),
-    and ``measure_onnx_pair(candidate_path, reference_path, input_shape) -> PairedLatency`` (interleaved timing).
-    Backends set the batch dimension of ``input_shape`` to the profile's ``batch_size`` (``batched_shape``).
+    onnx_path: Optional[str]
+    module: Any
+    input_shape: Tuple[int, ...]
+
+
+class LatencyBackend(abc.ABC):
+    """The contract every device profile's backend meets.
+
+    * ``__init__(profile)`` validates the profile's options (one typed options object per backend) and fails with
+      BackendUnavailable when the backend cannot run here.
+    * ``fingerprint()`` describes the device and software (CPU or GPU model, library versions, threads,
+      provider): two measurements are comparable only under equal fingerprints.
+    * ``measure(model)`` times one ModelArtifact; ``measure_pair(candidate, reference)`` times two in the same
+      window, alternately (the default measures them one after the other and says so: ``interleaved=False``).
+    * ``identity(model)`` names what was measured, for the cache: the ONNX file's bytes by default.
+    * ``close()`` releases held resources (worker processes, sessions).
+    ``input_kind`` says which form the backend runs: "onnx" or "torch".
     """
 
-    name: str
+    name: ClassVar[str] = ""
+    input_kind: ClassVar[str] = "onnx"
 
+    @abc.abstractmethod
     def fingerprint(self) -> Dict[str, Any]:
         """Stable description of the device and software (CPU model, versions, provider, threads)."""
 
+    @abc.abstractmethod
+    def measure(self, model: ModelArtifact) -> LatencyStats:
+        """Latency of one model at its input shape (batch set from the profile)."""
+
+    def measure_pair(self, candidate: ModelArtifact, reference: ModelArtifact) -> PairedLatency:
+        from hwprune.latency.measure import pair_from_samples
+
+        cand, ref = self.measure(candidate), self.measure(reference)
+        return pair_from_samples(cand.samples_ms, ref.samples_ms, interleaved=False)
+
+    def identity(self, model: ModelArtifact) -> str:
+        if not model.onnx_path:
+            raise ValueError(f"backend {self.name} measures ONNX files; no path given")
+        from hwprune.latency.cache import file_sha256
+
+        return file_sha256(model.onnx_path)
+
+    def close(self) -> None:
+        """Release worker processes or sessions; the backend may be used again afterwards."""
+
+
+class OnnxFileBackend(LatencyBackend):
+    """A backend that runs ONNX files: ``measure`` and ``measure_pair`` call ``measure_onnx`` and
+    ``measure_onnx_pair`` (the names the agent and the scripts use)."""
+
+    @abc.abstractmethod
     def measure_onnx(self, onnx_path: str, input_shape: Sequence[int]) -> LatencyStats:
-        """Latency of one ONNX model at the given input shape (batch included)."""
+        ...
+
+    def measure_onnx_pair(self, candidate_path: str, reference_path: str, input_shape: Sequence[int]) -> PairedLatency:
+        return LatencyBackend.measure_pair(
+            self, ModelArtifact(candidate_path, None, tuple(input_shape)),
+            ModelArtifact(reference_path, None, tuple(input_shape)))
+
+    def measure(self, model: ModelArtifact) -> LatencyStats:
+        return self.measure_onnx(str(model.onnx_path), model.input_shape)
+
+    def measure_pair(self, candidate: ModelArtifact, reference: ModelArtifact) -> PairedLatency:
+        return self.measure_onnx_pair(str(candidate.onnx_path), str(reference.onnx_path), candidate.input_shape)
 
 
 # Backend factories by name; each takes the profile and returns a backend or raises BackendUnavailable.
@@ -246,11 +301,8 @@ class DeviceProfile:
 
 
 def measure_candidate(backend: LatencyBackend, onnx_path: str, module: Any, input_shape: Sequence[int]) -> LatencyStats:
-    """Measure a candidate with whatever form the backend consumes: a PyTorch module for backends that run
-    PyTorch (they define ``measure_module``), the ONNX file otherwise."""
-    if getattr(backend, "input_kind", "onnx") == "torch":
-        return backend.measure_module(module, input_shape)  # type: ignore[attr-defined]
-    return backend.measure_onnx(onnx_path, input_shape)
+    """Measure a candidate with whatever form the backend consumes (the module or the ONNX file)."""
+    return backend.measure(ModelArtifact(onnx_path, module, tuple(input_shape)))
 
 
 def measure_candidate_pair(
@@ -261,19 +313,10 @@ def measure_candidate_pair(
     reference_module: Any,
     input_shape: Sequence[int],
 ) -> PairedLatency:
-    """Measure a candidate and the reference (dense) model interleaved in the same time window, with whatever
-    form the backend consumes. A backend without a pair method gets the two measured one after the other
-    (``interleaved=False`` in the result)."""
-    if getattr(backend, "input_kind", "onnx") == "torch":
-        return backend.measure_module_pair(module, reference_module, input_shape)  # type: ignore[attr-defined]
-    pair = getattr(backend, "measure_onnx_pair", None)
-    if pair is not None:
-        return pair(onnx_path, reference_onnx_path, input_shape)
-    from hwprune.latency.measure import pair_from_samples
-
-    cand = backend.measure_onnx(onnx_path, input_shape)
-    ref = backend.measure_onnx(reference_onnx_path, input_shape)
-    return pair_from_samples(cand.samples_ms, ref.samples_ms, interleaved=False)
+    """Measure a candidate and the reference (dense) model interleaved in the same time window."""
+    shape = tuple(input_shape)
+    return backend.measure_pair(ModelArtifact(onnx_path, module, shape),
+                                ModelArtifact(reference_onnx_path, reference_module, shape))
 
 
 def check_options(profile: "DeviceProfile", valid: Sequence[str]) -> None:

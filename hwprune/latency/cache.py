@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from hwprune.latency.base import LatencyBackend, LatencyStats, PairedLatency, measure_candidate, measure_candidate_pair
+from hwprune.latency.base import (
+    LatencyBackend,
+    LatencyStats,
+    ModelArtifact,
+    PairedLatency,
+    measure_candidate,
+    measure_candidate_pair,
+)
 from hwprune.latency.measure import fingerprint_hash
 
 Entry = Union[LatencyStats, PairedLatency]
@@ -149,13 +156,7 @@ def _model_hash(backend: LatencyBackend, onnx_path: Optional[str], module: Any, 
                 given: Optional[str]) -> str:
     if given:
         return given
-    if getattr(backend, "input_kind", "onnx") == "torch":
-        from hwprune.latency.torch_backend import architecture_hash
-
-        return architecture_hash(module, input_shape)
-    if not onnx_path:
-        raise ValueError("cached_measure needs an ONNX path or a model hash")
-    return file_sha256(onnx_path)
+    return backend.identity(ModelArtifact(onnx_path, module, tuple(input_shape)))
 
 
 def cached_measure(

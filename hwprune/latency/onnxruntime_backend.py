@@ -27,6 +27,7 @@ import numpy as np
 from hwprune.errors import BackendUnavailable, ConfigError, ModelError
 from hwprune.latency.base import (
     DeviceProfile,
+    OnnxFileBackend,
     LatencyStats,
     PairedLatency,
     batched_shape,
@@ -119,9 +120,8 @@ def _check_choice(profile: DeviceProfile, key: str, value: Any, choices: Sequenc
     return value
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(OnnxFileBackend):
     name = "onnxruntime"
-    input_kind = "onnx"
 
     def __init__(self, profile: DeviceProfile):
         check_options(profile, OPTIONS)

@@ -33,6 +33,7 @@ from hwprune.latency.onnxruntime_backend import OPTIONS as ORT_OPTIONS
 from hwprune.latency.base import (
     DeviceProfile,
     LatencyStats,
+    OnnxFileBackend,
     PairedLatency,
     batched_shape,
     check_options,
@@ -207,9 +208,8 @@ def _parse(raw: bytes) -> Dict[str, Any]:
     return obj if isinstance(obj, dict) else {"error": str(obj)[:200]}
 
 
-class RemoteBackend:
+class RemoteBackend(OnnxFileBackend):
     name = "remote"
-    input_kind = "onnx"
 
     def __init__(self, profile: DeviceProfile):
         check_options(profile, OPTIONS)

@@ -25,6 +25,8 @@ from hwprune.latency.base import (
     PairedLatency,
     batched_shape,
     check_options,
+    LatencyBackend,
+    ModelArtifact,
     register_backend,
 )
 from hwprune.latency.measure import environment_fingerprint, measure, measure_interleaved
@@ -45,7 +47,7 @@ def architecture_hash(module: Any, input_shape: Sequence[int] = ()) -> str:
     return h.hexdigest()
 
 
-class TorchBackend:
+class TorchBackend(LatencyBackend):
     name = "torch"
     input_kind = "torch"
 
@@ -228,6 +230,16 @@ class TorchBackend:
 
     def measure_onnx_pair(self, candidate_path: str, reference_path: str, input_shape: Sequence[int]) -> PairedLatency:
         return self.measure_onnx(candidate_path, input_shape)  # type: ignore[return-value]  (raises)
+
+
+    def measure(self, model: ModelArtifact) -> LatencyStats:
+        return self.measure_module(model.module, model.input_shape)
+
+    def measure_pair(self, candidate: ModelArtifact, reference: ModelArtifact) -> PairedLatency:
+        return self.measure_module_pair(candidate.module, reference.module, candidate.input_shape)
+
+    def identity(self, model: ModelArtifact) -> str:
+        return architecture_hash(model.module, model.input_shape)
 
 
 @register_backend("torch")
