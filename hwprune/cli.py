@@ -139,6 +139,7 @@ def _build_lut(args, workload, profiles) -> int:
     from hwprune.plan import apply_plan
 
     profile = profiles[0]
+    workload = workload.for_profiles([profile])
     table = build_lut(workload, profile, progress=True, log=_log)
     table.save(args.build_lut)
     print(f"wrote {args.build_lut}: {len(table.entries)} entries for {workload.space.name!r} on {profile.name} "
@@ -171,9 +172,9 @@ def cmd_prune(args) -> int:
     if not 0.0 <= args.ratio < 1.0:
         raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
     out = Path(args.out)
-    workload = _workload(args, args.search_space, run_dir=out)
-    meter = LatencyMeter(load_profiles(args.profile or ["cpu"]), workload.model, workload.input_shape, out,
-                         cache=False)
+    profiles = load_profiles(args.profile or ["cpu"])
+    workload = _workload(args, args.search_space, run_dir=out).for_profiles(profiles)
+    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out, cache=False)
     plan = workload.uniform_plan(args.ratio)
     outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
     for f in list(out.glob("model-b*.onnx")) + list(out.glob("reference/*.onnx")):

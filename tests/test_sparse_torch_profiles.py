@@ -63,7 +63,7 @@ def test_block_structure_search_on_torch_cpu(tmp_path: Path):
                               "  ratios: [0.5, 0.75]\n"
     (tmp_path / "space.yaml").write_text(space)
     (tmp_path / "torch-fast.yaml").write_text(
-        "backend: torch\nbatch_size: 1\noptions: {device: cpu, threads: 1}\n"
+        "backend: torch\nbatch_size: 1\nchannel_multiple: 8\noptions: {device: cpu, threads: 1}\n"
         "measure: {warmup: 1, min_repeats: 3, max_repeats: 5, target_rel_ci: 0.5, time_cap_s: 0.5}\n"
         "accelerates: [filter, channel, block]\n")
     model_path = tmp_path / "tiny.pt"
@@ -76,3 +76,4 @@ def test_block_structure_search_on_torch_cpu(tmp_path: Path):
     df = pd.read_csv(tmp_path / "run" / "trials.csv")
     assert (df.state == "complete").all(), df[["trial", "state"]].to_string()
     assert df.plan.str.contains('"block"').any()  # some trial did take the BSR structure
+    assert df.plan.str.contains('"round_to": 8').all()  # the profile's channel_multiple (space: round_to 4)

@@ -154,6 +154,7 @@ class DeviceProfile:
     name: str
     backend: str
     batch_size: int = 1
+    channel_multiple: int = 1  # kept channel counts the search rounds to (e.g. 8 for fp16 tensor cores)
     options: Dict[str, Any] = field(default_factory=dict)  # backend-specific (threads, provider, url, ...)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     accelerates: Tuple[str, ...] = ("filter", "channel", "depth")  # structures that speed this target up

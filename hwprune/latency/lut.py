@@ -264,7 +264,7 @@ def _prune(workload, ratios: Mapping[str, float]):
 
     # channel counts do not depend on the importance criterion; l1 needs no data
     model, _ = graph.prune_groups(workload.model, workload.example_input, dict(ratios), "l1",
-                                  workload.space.round_to, list(workload.ignored))
+                                  workload.round_to, list(workload.ignored))
     return model
 
 
@@ -304,7 +304,7 @@ def _dependencies(workload, ratios: Sequence[float], log: Callable[[str], None])
         for g in workload.groups:
             n = dense[g.name][1] - pruned[g.name][1]
             removed[g.name][repr(r)] = n
-            if n != removed_channels(g.channels, r, workload.space.round_to):
+            if n != removed_channels(g.channels, r, workload.round_to):
                 verified = False
         # every layer's channels in the uniform plan must follow from the dependencies found above
         for layer, (ci, co) in dense.items():
@@ -717,7 +717,7 @@ def build_lut(
         ins=deps.ins,
         outs=deps.outs,
         removed=deps.removed,
-        round_to=workload.space.round_to,
+        round_to=workload.round_to,
         rounding_verified=deps.rounding_verified,
         channels={g.name: g.channels for g in workload.groups},
         ratios=ratios,
