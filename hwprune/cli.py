@@ -108,6 +108,8 @@ def cmd_profile(args) -> int:
             onnx_path = to_onnx(workload.model, shape, Path(tmp) / f"model-b{p.batch_size}.onnx")
             stats = measure_candidate(backend, str(onnx_path), workload.model, shape)
             entry = {"latency": stats.to_dict(), "fingerprint": backend.fingerprint()}
+            if getattr(backend, "last_conditions", None):  # GPU clock and temperature around the timing
+                entry["conditions"] = backend.last_conditions
             if hasattr(backend, "session") and not args.no_layers:
                 from hwprune.layer_profile import ort_layer_breakdown
 
@@ -122,6 +124,11 @@ def cmd_profile(args) -> int:
         s = e["latency"]
         print(f"[{name}] latency median {s['median_ms']:.3f} ms  p10 {s['p10_ms']:.3f}  p90 {s['p90_ms']:.3f}  "
               f"CV {100 * s['cv']:.1f}%  n {s['n']}")
+        c = e.get("conditions")
+        if c:
+            print(f"    SM clock {c['sm_clock_mhz_before']} -> {c['sm_clock_mhz_after']} MHz  temperature "
+                  f"{c['temperature_c_before']} -> {c['temperature_c_after']} C"
+                  f"{'  CLOCK CHANGED' if c['clock_changed'] else ''}")
         for r in e.get("layers", [])[: args.top]:
             print(f"    {r['mean_ms']:8.4f} ms  {100 * r['share']:5.1f}%  {r['op_type']:<18} {r['node']}")
     return 0
