@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hwprune.config import load_profile  # noqa: E402
+from hwprune.errors import ModelError  # noqa: E402
 from hwprune.latency.base import DeviceProfile, MeasureSettings  # noqa: E402
 
 Variant = Tuple[str, DeviceProfile]
@@ -78,6 +79,21 @@ def search_profile(p: DeviceProfile, smoke: bool) -> DeviceProfile:
     short = MeasureSettings(warmup=p.measure.warmup, min_repeats=10, max_repeats=100, target_rel_ci=0.01,
                             time_cap_s=1.0)
     return _derive(p, p.name, measure=short, steady_max_s=2.0)
+
+
+def alone_profile(p: DeviceProfile, smoke: bool) -> DeviceProfile:
+    """The full profile, capped so that timing one model alone takes a few seconds."""
+    if smoke:
+        return p
+    return _derive(p, p.name, measure=dataclasses.replace(p.measure, time_cap_s=2.0), steady_max_s=3.0)
+
+
+def spaced(rows, k: int):
+    """At most ``k`` rows, evenly spaced (first and last kept)."""
+    if len(rows) <= k:
+        return rows
+    idx = sorted({round(i * (len(rows) - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    return rows.iloc[idx]
 
 
 def write_profile(p: DeviceProfile, path: Path) -> Path:
@@ -196,8 +212,13 @@ def part_capability(vs: List[Variant], args, rep: Report) -> None:
             row: Dict[str, Any] = {"structure": structure, "variant": label}
             try:
                 dense, new, shape = build()
-                backend = make_backend(p)
-                pair = backend.measure_module_pair(new, dense, shape)
+                try:
+                    pair = make_backend(p).measure_module_pair(new, dense, shape)
+                except ModelError as e:  # e.g. a sparse kernel that cannot be captured: time it eagerly
+                    if not p.option("cuda_graphs"):
+                        raise
+                    row["note"] = f"eager ({str(e)[:80]})"
+                    pair = make_backend(_derive(p, p.name, cuda_graphs=False)).measure_module_pair(new, dense, shape)
                 c, d = pair.candidate, pair.reference
                 row.update(dense_ms=d.median_ms, pruned_ms=c.median_ms, speedup=d.median_ms / c.median_ms,
                            speedup_paired=1.0 / pair.pair_ratio_median,
@@ -208,7 +229,7 @@ def part_capability(vs: List[Variant], args, rep: Report) -> None:
             rows.append(row)
     rep.add("## Capability matrix: realized layer vs its dense layer, interleaved\n\n"
             + _table(rows, ["structure", "variant", "dense_ms", "pruned_ms", "speedup", "speedup_paired",
-                            "accelerates", "error"]))
+                            "accelerates", "note", "error"]))
 
 
 # ------------------------------------------------------------------------------------------------ 3. fronts
@@ -263,10 +284,11 @@ def part_fronts(vs: List[Variant], args, work: Path, rep: Report) -> None:
         tables = write_results(study, workload, out, export=False, log=lambda m: None)
         df, front = tables["trials"], tables["pareto"]
         dense = df[df.role == "dense"].iloc[0]
-        full_path = write_profile(full, out / "alone-profile.yaml")
+        full_path = write_profile(alone_profile(full, args.cpu_smoke), out / "alone-profile.yaml")
         wl = workload.for_profiles([prof])
+        chosen = spaced(front[front.role != "dense"].sort_values("macs"), args.max_front)
         paths = {}
-        for _, r in [(None, dense)] + [(i, r) for i, r in front[front.role != "dense"].iterrows()]:
+        for _, r in [(None, dense)] + list(chosen.iterrows()):
             path = out / f"trial-{int(r.trial)}.pt"
             torch.save(rebuild_model(wl, PruningPlan.from_json(r.plan), None), path)
             paths[int(r.trial)] = path
@@ -276,7 +298,7 @@ def part_fronts(vs: List[Variant], args, work: Path, rep: Report) -> None:
             rows.append({"model": model_name, "variant": label, "note": f"dense alone failed: {e}"[:200]})
             continue
         col = f"latency_ratio:{prof.name}"
-        for _, r in front[front.role != "dense"].sort_values("macs").iterrows():
+        for _, r in chosen.iterrows():
             row = {"model": model_name, "variant": label, "trial": int(r.trial),
                    "macs_cut": dense.macs / r.macs, "reported_speedup": 1.0 / r[col], "search_s": search_s}
             if rep.left_s() < 20:
@@ -314,6 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     ap.add_argument("--variants", nargs="+", help="labels of the variants to run (default: all)")
     ap.add_argument("--trials", type=int, help="trials per search (default 6 on a GPU, 3 in smoke mode)")
+    ap.add_argument("--max-front", type=int, default=3, help="front models timed alone per search (evenly spaced)")
     ap.add_argument("--parts", nargs="+", default=["spread", "capability", "fronts"],
                     choices=["spread", "capability", "fronts"])
     ap.add_argument("--out", default="runs/bench-gpu", help="work directory (searches, models, profiles)")
