@@ -317,3 +317,21 @@ def test_search_plans_keep_channel_multiples_of_the_profile(tmp_path):
     assert all(c % 8 == 0 for c in widths) and min(widths) < 16, widths
     model2 = apply_plan(w.model, w.uniform_plan(0.3), w.example_input)[0]
     assert any(m.out_channels % 8 for m in model2.modules() if isinstance(m, torch.nn.Conv2d))  # the test can fail
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 sparse tensor cores need a CUDA GPU with compute capability >= 8.0")
+def test_sparse_modules_are_copied_moved_and_timed_on_cuda():
+    import copy
+
+    from hwprune.structures import get_structure
+
+    lin = torch.nn.Linear(256, 256)
+    semi = get_structure("nm").apply(lin, 1.0, {"execute": "semi_structured"})[0]
+    assert copy.deepcopy(semi)._sparse is not None and semi.cpu()._sparse is None  # off the GPU: dense
+    b16 = TorchBackend(profile(device="cuda", dtype="float16"))
+    assert b16.measure_module(get_structure("nm").apply(lin, 1.0, {"execute": "semi_structured"})[0],
+                              (8, 256)).median_ms > 0
+    bsr = get_structure("block").apply(lin, 0.75, {"b": 16})[0]
+    assert TorchBackend(profile(device="cuda")).measure_module(bsr, (8, 256)).median_ms > 0
