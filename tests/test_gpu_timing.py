@@ -210,6 +210,14 @@ def test_deployment_options_on_torch_cpu(options):
     assert b.fingerprint()["dtype"] == options.get("dtype", "float32")
 
 
+@pytest.mark.slow
+def test_inductor_compile_with_bf16_channels_last_on_torch_cpu():
+    """The real torch.compile path (inductor builds C++ here: ~20 s of CPU), as a CPU deployment would run it."""
+    b = TorchBackend(profile(compile=True, dtype="bfloat16", channels_last=True))
+    assert b.measure_module(torch_conv_net(8), (1, 3, 16, 16)).median_ms > 0
+    assert b.fingerprint()["compile_backend"] == "inductor"
+
+
 def test_calls_per_sample_times_k_calls_per_sample(monkeypatch):
     calls = []
     b = TorchBackend(profile(calls_per_sample=3))
