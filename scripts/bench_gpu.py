@@ -351,9 +351,14 @@ def main(argv=None) -> int:
     vs = [v for v in variants(args.cpu_smoke) if not args.variants or v[0] in args.variants]
     if not vs:
         ap.error(f"--variants {args.variants}: choose from {', '.join(v[0] for v in variants(args.cpu_smoke))}")
+    from hwprune.errors import HwpruneError
     from hwprune.latency import make_backend
 
-    fp = make_backend(vs[0][1]).fingerprint()
+    try:
+        fp = make_backend(vs[0][1]).fingerprint()
+    except HwpruneError as e:  # no GPU here: say so in one line (and how to test the script anyway)
+        print(f"bench_gpu: error: {e} (run with --cpu-smoke to test the script without a GPU)", file=sys.stderr)
+        return 2
     rep.add(f"# GPU benchmark ({'CPU smoke run' if args.cpu_smoke else 'GPU'})\n\n"
             f"`python scripts/bench_gpu.py {' '.join(argv)}`\n\n"
             f"device: {fp.get('gpu', fp.get('cpu'))}; driver {fp.get('driver')}; torch {fp.get('torch')}; "
