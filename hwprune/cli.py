@@ -150,6 +150,8 @@ def cmd_profile(args) -> int:
             onnx_path = to_onnx(workload.model, shape, Path(tmp) / f"model-b{p.batch_size}.onnx")
             stats = measure_candidate(backend, str(onnx_path), workload.model, shape)
             entry = {"latency": stats.to_dict(), "fingerprint": backend.fingerprint()}
+            if getattr(backend, "last_conditions", None):  # GPU clock and temperature around the timing
+                entry["conditions"] = backend.last_conditions
             if hasattr(backend, "session") and not args.no_layers:
                 from hwprune.layer_profile import ort_layer_breakdown
 
@@ -164,6 +166,11 @@ def cmd_profile(args) -> int:
         s = e["latency"]
         print(f"[{name}] latency median {s['median_ms']:.3f} ms  p10 {s['p10_ms']:.3f}  p90 {s['p90_ms']:.3f}  "
               f"CV {100 * s['cv']:.1f}%  n {s['n']}")
+        c = e.get("conditions")
+        if c:
+            print(f"    SM clock {c['sm_clock_mhz_before']} -> {c['sm_clock_mhz_after']} MHz  temperature "
+                  f"{c['temperature_c_before']} -> {c['temperature_c_after']} C"
+                  f"{'  CLOCK CHANGED' if c['clock_changed'] else ''}")
         for r in e.get("layers", [])[: args.top]:
             print(f"    {r['mean_ms']:8.4f} ms  {100 * r['share']:5.1f}%  {r['op_type']:<18} {r['node']}")
     return 0
@@ -181,6 +188,7 @@ def _build_lut(args, workload, profiles) -> int:
     from hwprune.plan import apply_plan
 
     profile = profiles[0]
+    workload = workload.for_profiles([profile])
     table = build_lut(workload, profile, progress=True, log=_log)
     table.save(args.build_lut)
     print(f"wrote {args.build_lut}: {len(table.entries)} entries for {workload.space.name!r} on {profile.name} "
@@ -213,9 +221,9 @@ def cmd_prune(args) -> int:
     if not 0.0 <= args.ratio < 1.0:
         raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
     out = Path(args.out)
-    workload = _workload(args, args.search_space, run_dir=out)
-    meter = LatencyMeter(load_profiles(args.profile or ["cpu"]), workload.model, workload.input_shape, out,
-                         cache=False)
+    profiles = load_profiles(args.profile or ["cpu"])
+    workload = _workload(args, args.search_space, run_dir=out).for_profiles(profiles)
+    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out, cache=False)
     plan = workload.uniform_plan(args.ratio)
     try:
         outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)

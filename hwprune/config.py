@@ -262,7 +262,7 @@ def load_search_space(ref: str) -> SearchSpace:
 # ---------------------------------------------------------------------------------------------------------------
 # Device profiles
 
-_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "options", "measure", "accelerates")
+_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "channel_multiple", "options", "measure", "accelerates")
 
 
 def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProfile:
@@ -278,6 +278,8 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
     }
     if "batch_size" in data:
         kw["batch_size"] = _typed(f"{source}: batch_size", data["batch_size"], int, minimum=1)
+    if "channel_multiple" in data:
+        kw["channel_multiple"] = _typed(f"{source}: channel_multiple", data["channel_multiple"], int, minimum=1)
     if "options" in data:
         opts = data["options"] or {}
         if not isinstance(opts, dict):

@@ -232,6 +232,7 @@ def run_search(
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    workload = workload.for_profiles(profiles)  # channel counts the targets need (profile channel_multiple)
     meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
     try:
         return _run_search(workload, profiles, cfg, meter, log)

@@ -2,10 +2,12 @@
 view of it (which dependency groups may be pruned, which layers never lose outputs)."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +33,18 @@ class Workload:
     weights: Optional[str] = None
     data_ref: str = "none"
     extra: Dict[str, object] = field(default_factory=dict)
+    channel_multiple: int = 1  # what the target profiles need kept channel counts to be multiples of
+
+    @property
+    def round_to(self) -> Optional[int]:
+        """Kept channel counts are multiples of this: the space's ``round_to`` and the profiles' multiple."""
+        return combined_round_to(self.space.round_to, [self.channel_multiple])
+
+    def for_profiles(self, profiles: Iterable) -> "Workload":
+        """This workload as searched for ``profiles``: channel counts rounded to every profile's
+        ``channel_multiple`` too (fp16 tensor cores want multiples of 8, say)."""
+        multiple = combined_round_to(self.channel_multiple, [getattr(p, "channel_multiple", 1) for p in profiles])
+        return dataclasses.replace(self, channel_multiple=multiple or 1)
 
     @property
     def example_input(self) -> torch.Tensor:
@@ -40,7 +54,7 @@ class Workload:
         return PruningPlan(
             ratios={g.name: float(ratios.get(g.name, 0.0)) for g in self.groups},
             criterion=self.space.importance,
-            round_to=self.space.round_to,
+            round_to=self.round_to,
             ignored=list(self.ignored),
             structure_importance=self.space.structures.importance,
         )
@@ -55,6 +69,13 @@ class Workload:
         if self.data is None:
             return None
         return next(iter(self.data.loader("train", batch_size, shuffle=True, seed=0)))
+
+
+def combined_round_to(round_to: Optional[int], multiples: Iterable[int]) -> Optional[int]:
+    """The least common multiple of a ``round_to`` and channel multiples (None or 1 = no rounding); None when
+    nothing needs rounding."""
+    r = math.lcm(int(round_to or 1), *(int(m or 1) for m in multiples))
+    return None if r == 1 else r
 
 
 def parse_shape(text: str) -> Tuple[int, ...]:

@@ -267,6 +267,7 @@ class DeviceProfile:
     name: str
     backend: str
     batch_size: int = 1
+    channel_multiple: int = 1  # kept channel counts the search rounds to (e.g. 8 for fp16 tensor cores)
     options: Dict[str, Any] = field(default_factory=dict)  # backend-specific (threads, provider, url, ...)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     accelerates: Tuple[str, ...] = ("filter", "channel", "depth")  # structures that speed this target up
@@ -281,6 +282,7 @@ class DeviceProfile:
             "name": self.name,
             "backend": self.backend,
             "batch_size": self.batch_size,
+            "channel_multiple": self.channel_multiple,
             "options": dict(self.options),
             "measure": self.measure.to_dict(),
             "accelerates": list(self.accelerates),
@@ -293,6 +295,7 @@ class DeviceProfile:
             name=str(d["name"]),
             backend=str(d["backend"]),
             batch_size=int(d.get("batch_size", 1)),
+            channel_multiple=int(d.get("channel_multiple", 1)),
             options=dict(d.get("options") or {}),
             measure=MeasureSettings.from_dict(d.get("measure"), f"profile {d['name']}: measure"),
             accelerates=tuple(d.get("accelerates") or ()),

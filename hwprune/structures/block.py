@@ -17,6 +17,7 @@ from torch import nn
 from hwprune.structures.base import (
     LayerReport, Structure, bytes_bsr, bytes_dense, dense_macs, gemm_shape, masked_copy, module_bias_numel, positions,
 )
+from hwprune.structures.sparse_exec import DerivedSparseWeight
 
 
 def block_index(weight: torch.Tensor, br: int, bc: int):
@@ -29,11 +30,12 @@ def block_index(weight: torch.Tensor, br: int, bc: int):
     return idx, math.ceil(r / br) * nbc
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(DerivedSparseWeight):
     """A Linear whose zeros are skipped by a torch sparse format (``bsr`` with a block size, or ``csr``).
 
     ``weight`` keeps the masked dense values (what ONNX export and state_dict use); the sparse copy is built at
-    construction and by ``refresh()``. Shapes not divisible by the block size are zero-padded.
+    construction and by ``refresh()`` (also after deepcopy, pickle and ``.to()``: see ``DerivedSparseWeight``).
+    Shapes not divisible by the block size are zero-padded.
     """
 
     def __init__(self, linear: nn.Linear, fmt: str = "bsr", blocksize: int = 4):

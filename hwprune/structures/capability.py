@@ -3,7 +3,7 @@
 Measurement builds a representative layer per structure (conv 64->64 3x3 at 28x28 for conv structures, a
 conv-ReLU-conv pair for filter/channel, a torchvision BasicBlock for depth, Linear 1024x1024 on 8 rows for block),
 realizes the structure at ``ratio``, exports dense and realized models to ONNX and measures both with the profile's
-backend (``measure_candidate``: PyTorch backends run the modules, so BSR executes there). A structure "accelerates"
+backend, interleaved (``measure_candidate_pair``: PyTorch backends run the modules, so BSR executes there). A structure "accelerates"
 a profile when the realized median is at least ``min_speedup`` times faster and the 95% CIs do not overlap.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def measure_capability(profile, structures: Optional[Sequence[str]] = None, rati
                        min_speedup: float = 1.1) -> Dict[str, Dict[str, object]]:
     """{structure: {"speedup": dense/realized median, "accelerates": bool, "dense_ms", "pruned_ms"}} measured on
     ``profile``'s backend."""
-    from hwprune.latency.base import make_backend, measure_candidate
+    from hwprune.latency.base import make_backend, measure_candidate_pair
 
     backend = make_backend(profile)
     out: Dict[str, Dict[str, object]] = {}
@@ -82,9 +82,8 @@ def measure_capability(profile, structures: Optional[Sequence[str]] = None, rati
             pd, pn = os.path.join(tmp, f"{s}_dense.onnx"), os.path.join(tmp, f"{s}_pruned.onnx")
             export_onnx(dense, shape, pd)
             export_onnx(new, shape, pn)
-            with torch.no_grad():
-                ld = measure_candidate(backend, pd, dense, shape)
-                lp = measure_candidate(backend, pn, new, shape)
+            with torch.no_grad():  # interleaved in one window: drift of a busy machine hits both alike
+                lp, ld = measure_candidate_pair(backend, pn, new, pd, dense, shape)
             sp = ld.median_ms / lp.median_ms if lp.median_ms > 0 else float("nan")
             out[s] = {"speedup": sp, "dense_ms": ld.median_ms, "pruned_ms": lp.median_ms,
                       "accelerates": bool(sp >= min_speedup and lp.ci_high_ms < ld.ci_low_ms)}

@@ -16,6 +16,7 @@ from torch import nn
 
 from hwprune.errors import ConfigError
 from hwprune.structures.base import LayerReport, Structure, bytes_dense, bytes_nm, dense_macs, gemm_shape, masked_copy, module_bias_numel
+from hwprune.structures.sparse_exec import DerivedSparseWeight
 
 
 def parse_nm(value) -> tuple:
@@ -32,22 +33,41 @@ def semi_structured_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
-class SemiStructuredLinear(nn.Module):
-    """A 2:4-sparse Linear on sparse tensor cores (CUDA, compute capability >= 8.0, fp16/bf16)."""
+class SemiStructuredLinear(DerivedSparseWeight):
+    """A 2:4-sparse Linear on sparse tensor cores (CUDA, compute capability >= 8.0, fp16/bf16).
+
+    ``weight`` keeps the masked dense values; the semi-structured copy is rebuilt after deepcopy, pickle and
+    ``.to()`` (``DerivedSparseWeight``). Off the GPU (e.g. moved to the CPU for ONNX export) it runs dense."""
 
     def __init__(self, linear: nn.Linear, dtype=torch.float16):
         super().__init__()
         if not semi_structured_available():
             raise ConfigError("nm execute='semi_structured' needs a CUDA GPU with compute capability >= 8.0; use execute='dense'")
-        from torch.sparse import to_sparse_semi_structured
-
-        w = linear.weight.detach().to("cuda", dtype)
-        self.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        self.weight = nn.Parameter(linear.weight.detach().to("cuda", dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to("cuda", dtype), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.refresh()
+
+    def refresh(self) -> None:
+        w = self.weight.detach()
+        if not w.is_cuda:
+            self._sparse = None
+            return
+        from torch.sparse import to_sparse_semi_structured
+
+        try:
+            self._sparse = to_sparse_semi_structured(w)
+        except (RuntimeError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"2:4 semi-structured sparsity cannot hold a {w.dtype} weight of shape {tuple(w.shape)} ({first}); "
+                f"time it on a float16 or bfloat16 profile (e.g. gpu-torch-cuda-fp16)"
+            ) from e
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        if self._sparse is None or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self._sparse, self.bias)
 
 
 class NMStructure(Structure):

@@ -106,7 +106,7 @@ def build_lut(
         ins=deps.ins,
         outs=deps.outs,
         removed=deps.removed,
-        round_to=workload.space.round_to,
+        round_to=workload.round_to,
         rounding_verified=deps.rounding_verified,
         channels={g.name: g.channels for g in workload.groups},
         ratios=ratios,

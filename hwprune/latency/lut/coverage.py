@@ -36,7 +36,7 @@ def prune(workload, ratios: Mapping[str, float]):
 
     # channel counts do not depend on the importance criterion; l1 needs no data
     model, _ = graph.prune_groups(workload.model, workload.example_input, dict(ratios), "l1",
-                                  workload.space.round_to, list(workload.ignored))
+                                  workload.round_to, list(workload.ignored))
     return model
 
 
@@ -79,7 +79,7 @@ def find_dependencies(workload, ratios: Sequence[float], log: Callable[[str], No
         for g in workload.groups:
             n = dense[g.name][1] - pruned[g.name][1]
             removed[g.name][repr(r)] = n
-            if n != removed_channels(g.channels, r, workload.space.round_to):
+            if n != removed_channels(g.channels, r, workload.round_to):
                 verified = False
         # every layer's channels in the uniform plan must follow from the dependencies found above
         lost = {g: n[repr(r)] for g, n in removed.items()}
