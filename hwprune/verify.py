@@ -5,7 +5,8 @@ compared with the speedups the search reported.
     hwprune verify --run RUN_DIR [--profile P] [--rounds 3] [--tolerance 0.05]
 
 Writes ``RUN_DIR/verify.csv`` (one row per profile and model), adds ``isolated_speedup:P``, ``isolated_ms:P`` and
-``verify_error:P`` to ``pareto.csv`` and each model's ``metrics.json``, and returns the rows; the CLI exits 2
+``verify_error:P`` to ``pareto.csv`` and each model's ``metrics.json``, draws ``verify.png`` (reported vs alone),
+and returns the rows; the CLI exits 2
 when any relative error exceeds the tolerance.
 """
 from __future__ import annotations
@@ -139,15 +140,16 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
             reported = 1.0 / ratio
             rows.append(VerifyRow(p.name, t, reported, iso, min(per_round), max(per_round), reported / iso - 1.0,
                                   statistics.median(times[f"trial-{t}"]), statistics.median(times["dense"]), rounds))
-    _write(run_dir, front, rows)
+    _write(run_dir, front, rows, tolerance)
     return rows
 
 
-def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow]) -> None:
+def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow], tolerance: float) -> None:
     if not rows:
         return
     table = pd.DataFrame([{**asdict(r), "isolated_spread": r.spread} for r in rows])
     write_text_atomic(run_dir / "verify.csv", table.to_csv(index=False))
+    plot_verify(rows, run_dir / "verify.png", tolerance)
     for r in rows:
         sel = front.trial == r.trial
         front.loc[sel, f"isolated_speedup:{r.profile}"] = r.isolated_speedup
@@ -159,6 +161,35 @@ def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow]) -> None:
             m.setdefault("verify", {})[r.profile] = {**asdict(r), "isolated_spread": r.spread}
             write_text_atomic(metrics, json.dumps(m, indent=2, sort_keys=True))
     write_text_atomic(run_dir / "pareto.csv", front.to_csv(index=False))
+
+
+def plot_verify(rows: Sequence[VerifyRow], path: Path, tolerance: float) -> None:
+    """Reported vs isolated speedup per front model (one colour per profile), the identity line and the
+    tolerance band: points off the band are figures the search got wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    hi = max(max(r.reported_speedup, r.isolated_max) for r in rows) * 1.1
+    xs = [1.0, hi]
+    ax.plot(xs, xs, color="black", lw=1, label="reported = alone")
+    ax.fill_between(xs, [x * (1 - tolerance) for x in xs], [x * (1 + tolerance) for x in xs], color="0.85",
+                    label=f"within {100 * tolerance:g}%")
+    for prof in dict.fromkeys(r.profile for r in rows):
+        sel = [r for r in rows if r.profile == prof]
+        ax.errorbar([r.isolated_speedup for r in sel], [r.reported_speedup for r in sel],
+                    xerr=[[r.isolated_speedup - r.isolated_min for r in sel],
+                          [r.isolated_max - r.isolated_speedup for r in sel]], fmt="o", capsize=3, label=prof)
+    ax.set_xlabel("speedup, each model alone in a fresh process (range over rounds)")
+    ax.set_ylabel("speedup reported by the search")
+    ax.set_xlim(0.9, hi)
+    ax.set_ylim(0.9, hi)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_rows(rows: Sequence[VerifyRow], tolerance: float) -> str:

@@ -204,6 +204,7 @@ def test_search_ends_by_verifying_its_front(latency_run):
     assert "isolated_speedup:fast-cpu" in front.columns and front["isolated_speedup:fast-cpu"].gt(0).all()
     v = pd.read_csv(d / "verify.csv")
     assert set(v.trial) == set(front.trial)
+    assert (d / "verify.png").stat().st_size > 1000
     m = json.loads((d / "models" / f"trial-{int(front.trial.iloc[0])}" / "metrics.json").read_text())
     assert m["verify"]["fast-cpu"]["rounds"] == 1
 
