@@ -64,16 +64,22 @@ def test_worker_round_trip_and_errors(two_models, tmp_path):
 
 def test_reference_in_a_pair_runs_as_fast_as_alone(two_models):
     """The bug of issue 7: beside a candidate in one process, the dense model ran ~2x slower than alone (two
-    spinning thread pools). In worker processes the reference's in-pair time must match its solo time (generous
-    bound: the machine is shared; the bug was +100%)."""
+    spinning thread pools). In worker processes the reference's in-pair time must match its solo time. The bound
+    is loose (the machine is shared and noisy) but excludes the bug's 2x; one retry absorbs a burst of load."""
     big, small = two_models
     prof = _profile(threads=0)
-    solo = statistics.median(time_alone(prof, str(big), (1, 512)).median_ms for _ in range(3))
-    with ModelProcess(prof, str(big), (1, 512)) as ref, ModelProcess(prof, str(small), (1, 128)) as cand:
-        pair = measure_pair_in_processes(cand, ref, prof.measure)
-    assert pair.interleaved
-    assert pair.reference.median_ms == pytest.approx(solo, rel=0.35)
-    assert pair.candidate.median_ms < pair.reference.median_ms  # the smaller model is faster
+
+    def in_pair_over_solo() -> float:
+        solo = statistics.median(time_alone(prof, str(big), (1, 512)).median_ms for _ in range(3))
+        with ModelProcess(prof, str(big), (1, 512)) as ref, ModelProcess(prof, str(small), (1, 128)) as cand:
+            pair = measure_pair_in_processes(cand, ref, prof.measure)
+        assert pair.interleaved and pair.candidate.median_ms < pair.reference.median_ms
+        return pair.reference.median_ms / solo
+
+    ratio = in_pair_over_solo()
+    if not 0.65 <= ratio <= 1.5:
+        ratio = in_pair_over_solo()
+    assert 0.65 <= ratio <= 1.5
 
 
 def test_backend_pair_uses_worker_processes_unless_told_not_to(two_models, monkeypatch):
