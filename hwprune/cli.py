@@ -54,20 +54,26 @@ def cmd_search(args) -> int:
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
                        progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin)
-    interrupted = False
+    from hwprune.search import SearchInterrupted
+
+    interrupted = None
     study = None
     try:
         study = run_search(workload, profiles, cfg, log=_log)
-    except KeyboardInterrupt:
-        interrupted = True
-        _log("interrupted: finished trials are kept in the study; writing results of what finished")
+    except SearchInterrupted as e:
+        interrupted = e
+        _log(f"interrupted ({e}): finished trials are kept in the study; writing the results of what finished")
     if study is None:
         from hwprune.search import objective_names, open_study
 
         study = open_study(cfg, objective_names(workload, profiles, cfg.macs_objective), load_only=True)
-    tables = write_results(study, workload, out, export=not args.no_export, log=_log)
+    tables = write_results(study, workload, out, export=not args.no_export and interrupted is None, log=_log)
     _print_summary(tables, out)
-    return EXIT_INTERRUPTED if interrupted else 0
+    if interrupted is not None:
+        _log(f"resume: run the same command again (same --out, --storage and --study); it continues up to "
+             f"--trials {args.trials}" + ("" if args.no_export else "; models were not exported"))
+        return interrupted.exit_code
+    return 0
 
 
 def _print_summary(tables, out: Path) -> None:
