@@ -27,6 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") 
     p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
     p.add_argument("--image-size", type=int, help="resize images of imagefolder/torchvision data to this size")
     p.add_argument("--seed", type=int, default=0)
+    _add_trust_arg(p)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --model FILE.pt, a pickled whole module: loading it runs code from the file")
 
 
 def _workload(args, space: str, run_dir: Optional[Path] = None):
@@ -34,7 +40,8 @@ def _workload(args, space: str, run_dir: Optional[Path] = None):
 
     shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
     return build_workload(args.model, args.data, space, weights=args.weights, input_shape=shape,
-                          run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log)
+                          run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log,
+                          trust_pickle=args.trust_pickle)
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -53,7 +60,8 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
-                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin)
+                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
+                       allow_changed_config=args.allow_changed_config)
     from hwprune.search import SearchInterrupted
 
     interrupted = None
@@ -213,8 +221,12 @@ def cmd_export(args) -> int:
         raise RunError(f"{run} has no study.db; give --storage URL if the search used another storage")
     study = open_study(cfg, [], load_only=True)
     a = study.user_attrs
-    workload = build_workload(a["model"], a["data"], a["search_space"], weights=a.get("weights"),
-                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log)
+    from hwprune.provenance import stored_search_space
+
+    space = stored_search_space(a) or a["search_space"]  # the study's own copy: the file may be elsewhere or edited
+    workload = build_workload(a["model"], a["data"], space, weights=a.get("weights"), image_size=a.get("image_size"),
+                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log,
+                              trust_pickle=args.trust_pickle)
     df = trials_frame(study)
     if args.trial is not None:
         rows = df[df.trial == args.trial]
@@ -284,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lut", help="latency lookup table (hwprune profile --build-lut) to screen candidates with")
     s.add_argument("--screen-margin", type=float, default=0.1,
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
+    s.add_argument("--allow-changed-config", action="store_true",
+                   help="resume although the search space or a profile changed since the study was created")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_search)
@@ -321,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default: RUN/models)")
     e.add_argument("--storage")
     e.add_argument("--study", default="hwprune")
+    _add_trust_arg(e)
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("structures", help="the sparse-structure catalog and which structures speed up each profile")

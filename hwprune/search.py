@@ -14,6 +14,7 @@ import signal
 import threading
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -47,6 +48,7 @@ class SearchConfig:
     progress: bool = True
     lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
     screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
+    allow_changed_config: bool = False  # resume although the search space or a profile file changed
     heartbeat_s: int = shared.HEARTBEAT_S  # a running trial beats this often (RDB: Optuna's heartbeat)
     grace_s: int = shared.GRACE_S  # a running trial silent this long belongs to a dead worker: failed, run again
 
@@ -186,7 +188,7 @@ def run_search(
     out.mkdir(parents=True, exist_ok=True)
     meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
     names = objective_names(workload, profiles, cfg.macs_objective)
-    study = open_study(cfg, names, setup=lambda st: _setup_study(st, workload, profiles, meter, cfg, names))
+    study = open_study(cfg, names, setup=lambda st: _setup_study(st, workload, profiles, meter, cfg, names, log))
     # Every worker and every resume scales its same-window ratios by the one reference latency of the study.
     stored = study.user_attrs.get("reference_ms", {})
     meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
@@ -251,9 +253,19 @@ def run_search(
 # ------------------------------------------------------------------------------------- study setup, workers
 
 def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[DeviceProfile], meter: LatencyMeter,
-                 cfg: SearchConfig, names: Sequence[str]) -> None:
-    """Once per study, under the storage lock: what the study was made of, and the dense baseline."""
-    if "objectives" not in study.user_attrs:
+                 cfg: SearchConfig, names: Sequence[str], log: Callable[[str], None] = print) -> None:
+    """Once per study, under the storage lock: what the study was made of (files as content), and the dense
+    baseline. On resume, a search space or profile that changed since is refused (provenance.check_unchanged)."""
+    from hwprune import provenance
+
+    files = provenance.records(workload.space, profiles)
+    if "objectives" in study.user_attrs:
+        for line in provenance.check_unchanged(study.user_attrs, files, cfg.allow_changed_config):
+            log(f"warning: resuming with a changed {line} ({provenance.OVERRIDE_FLAG})")
+    else:
+        for key, value in files.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("image_size", workload.image_size)
         study.set_user_attr("objectives", names)
         study.set_user_attr("model", workload.model_ref)
         study.set_user_attr("weights", workload.weights)
@@ -296,7 +308,9 @@ def claim_trial(study: optuna.Study, url: str, target: int, grace_s: float,
         running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         if shared.done_count(study) + running >= target:
             return None
-        trial = study.ask()
+        with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); ours beat here
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
         trial.set_user_attr(shared.WORKER, shared.worker_id())
         return trial
 

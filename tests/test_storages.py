@@ -61,7 +61,7 @@ def _search_cmd(tmp_path: Path, trials: int, extra=()) -> list:
     model = tmp_path / "tiny.pt"
     if not model.exists():
         torch.save(make_tiny_net(), model)
-    return [sys.executable, "-m", "hwprune.cli", "search", "--model", str(model), "--data", "digits",
+    return [sys.executable, "-m", "hwprune.cli", "search", "--model", str(model), "--trust-pickle", "--data", "digits",
             "--search-space", str(tmp_path / "space.yaml"), "--profile", str(tmp_path / "fast-cpu.yaml"),
             "--trials", str(trials), "--out", str(tmp_path / "run"), "--sampler", "random", "--no-progress",
             "--no-export", *extra]
