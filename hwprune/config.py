@@ -6,6 +6,7 @@ choices, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -121,6 +122,8 @@ def _typed(where: str, value: Any, kind: type, *, minimum: Optional[float] = Non
         value = float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{where}: {value!r} is below the minimum {minimum}")
     if maximum is not None and value > maximum:
@@ -263,14 +266,24 @@ def load_search_space(ref: str) -> SearchSpace:
 # Device profiles
 
 _PROFILE_KEYS = ("name", "description", "backend", "batch_size", "options", "measure", "accelerates")
+# Upper limits keep one measurement bounded (the agent enforces the same ones on what clients ask for).
 _MEASURE_TYPES = {
-    "warmup": (int, 0, None),
-    "min_repeats": (int, 1, None),
-    "max_repeats": (int, 1, None),
+    "warmup": (int, 0, 1000),
+    "min_repeats": (int, 1, 100_000),
+    "max_repeats": (int, 1, 100_000),
     "target_rel_ci": (float, 0.0, 1.0),
-    "time_cap_s": (float, 0.0, None),
-    "interleave_block": (int, 1, None),
+    "time_cap_s": (float, 0.0, 3600.0),
+    "interleave_block": (int, 1, 1000),
 }
+
+
+def parse_measure_settings(where: str, section: Any) -> MeasureSettings:
+    """Measure settings from a mapping (a profile's ``measure:``, an agent request's ``settings``), each field
+    typed and within its limits; ConfigError with one line otherwise."""
+    settings = MeasureSettings(**_typed_section(where, section, _MEASURE_TYPES))
+    if settings.min_repeats > settings.max_repeats:
+        raise ConfigError(f"{where}.min_repeats ({settings.min_repeats}) exceeds max_repeats ({settings.max_repeats})")
+    return settings
 
 
 def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProfile:
@@ -292,13 +305,7 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
             raise ConfigError(f"{source}: options: expected a mapping, got {opts!r}")
         kw["options"] = dict(opts)
     if "measure" in data:
-        mkw = _typed_section(f"{source}: measure", data["measure"], _MEASURE_TYPES)
-        settings = MeasureSettings(**mkw)
-        if settings.min_repeats > settings.max_repeats:
-            raise ConfigError(
-                f"{source}: measure.min_repeats ({settings.min_repeats}) exceeds max_repeats ({settings.max_repeats})"
-            )
-        kw["measure"] = settings
+        kw["measure"] = parse_measure_settings(f"{source}: measure", data["measure"])
     if "accelerates" in data:
         acc = data["accelerates"] or []
         if not isinstance(acc, list) or not all(isinstance(a, str) for a in acc):
