@@ -61,7 +61,8 @@ def cmd_search(args) -> int:
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
                        progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
-                       allow_changed_config=args.allow_changed_config)
+                       allow_changed_config=args.allow_changed_config, heartbeat_s=args.heartbeat,
+                       grace_s=args.grace)
     from hwprune.search import SearchInterrupted
 
     interrupted = None
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lut", help="latency lookup table (hwprune profile --build-lut) to screen candidates with")
     s.add_argument("--screen-margin", type=float, default=0.1,
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
+    s.add_argument("--heartbeat", type=int, default=5, metavar="S",
+                   help="a running trial records a heartbeat every S seconds (default 5)")
+    s.add_argument("--grace", type=int, default=30, metavar="S", help="a running trial without a heartbeat for S "
+                   "seconds belongs to a dead worker: it is failed and run again (default 30)")
     s.add_argument("--allow-changed-config", action="store_true",
                    help="resume although the search space or a profile changed since the study was created")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")

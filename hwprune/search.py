@@ -352,10 +352,20 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective, cfg: SearchC
             if "reason" not in trial.user_attrs:
                 trial.set_user_attr("reason", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             log(f"trial {trial.number} failed: {trial.user_attrs.get('reason')}")
-            return study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return _tell(study, trial, log, state=optuna.trial.TrialState.FAIL)
         finally:
             gc.collect()
-        return study.tell(trial, values)
+        return _tell(study, trial, log, values=values)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None], **result) -> optuna.trial.FrozenTrial:
+    """Record the result, unless another worker already failed this trial as a dead worker's (this one stalled
+    past the grace period): then its retry is queued and this result is dropped, so it is not counted twice."""
+    frozen = study.tell(trial, skip_if_finished=True, **result)
+    wanted = result.get("state") or optuna.trial.TrialState.COMPLETE
+    if frozen.state != wanted and frozen.state == optuna.trial.TrialState.FAIL and "reason" not in frozen.user_attrs:
+        log(f"trial {trial.number} was failed by another worker (no heartbeat within --grace); its retry runs it")
+    return frozen
 
 
 def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, study: optuna.Study,
