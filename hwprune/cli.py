@@ -25,8 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") 
     p.add_argument("--data", default=data_default,
                    help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | none (default {data_default})")
     p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
-    p.add_argument("--image-size", type=int, help="resize images of imagefolder/torchvision data to this size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_num(int, 1), help="resize images of imagefolder/torchvision data to this size")
+    p.add_argument("--seed", type=_num(int, 0, 2**32 - 1), default=0)
     _add_trust_arg(p)
 
 
@@ -49,20 +49,21 @@ def _workload(args, space: str, run_dir: Optional[Path] = None):
 def cmd_search(args) -> int:
     from hwprune.config import load_profiles
     from hwprune.results import write_results
-    from hwprune.search import SearchConfig, run_search
+    from hwprune.search import SearchConfig, check_search_config, run_search
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    profiles = load_profiles(args.profile or ["cpu"])
-    workload = _workload(args, args.search_space, run_dir=out)
-    _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
-         f"profiles {', '.join(p.name for p in profiles)}")
     cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
                        progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
                        allow_changed_config=args.allow_changed_config, heartbeat_s=args.heartbeat,
                        grace_s=args.grace)
+    check_search_config(cfg)  # before any work
+    out.mkdir(parents=True, exist_ok=True)
+    profiles = load_profiles(args.profile or ["cpu"])
+    workload = _workload(args, args.search_space, run_dir=out)
+    _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
+         f"profiles {', '.join(p.name for p in profiles)}")
     from hwprune.search import SearchInterrupted
 
     interrupted = None
@@ -272,8 +273,21 @@ def cmd_agent(argv: List[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------- main
 
+def _num(kind, low=None, high=None, low_open=False):
+    from hwprune.config import arg_number
+
+    return arg_number(kind, low, high, low_open)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (``hwprune: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"hwprune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="hwprune",
         description="Hardware-aware pruning search: per-layer structure and ratio chosen with Optuna, scored by "
                     "latency measured on device profiles, MACs and validation accuracy.",
@@ -285,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--search-space", default="demo", help="a file in search_spaces/ by stem, or a YAML path")
     s.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
-    s.add_argument("--trials", type=int, default=30, help="finished trials wanted in the study (resumes up to it)")
-    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    s.add_argument("--latency-budget-ms", type=float, help="latency budget on the budget profile (a constraint)")
+    s.add_argument("--trials", type=_num(int, 1), default=30, help="finished trials wanted in the study (resumes up to it)")
+    s.add_argument("--timeout", type=_num(float, 0, low_open=True), help="stop starting trials after this many seconds")
+    s.add_argument("--latency-budget-ms", type=_num(float, 0, low_open=True), help="latency budget on the budget profile (a constraint)")
     s.add_argument("--budget-profile", help="profile the budget applies to (default: the first)")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
@@ -295,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"])
     s.add_argument("--macs-objective", action="store_true", help="also minimise MACs")
     s.add_argument("--lut", help="latency lookup table (hwprune profile --build-lut) to screen candidates with")
-    s.add_argument("--screen-margin", type=float, default=0.1,
+    s.add_argument("--screen-margin", type=_num(float, 0), default=0.1,
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
-    s.add_argument("--heartbeat", type=int, default=5, metavar="S",
+    s.add_argument("--heartbeat", type=_num(int, 1, 3600), default=5, metavar="S",
                    help="a running trial records a heartbeat every S seconds (default 5)")
-    s.add_argument("--grace", type=int, default=30, metavar="S", help="a running trial without a heartbeat for S "
+    s.add_argument("--grace", type=_num(int, 2, 86400), default=30, metavar="S", help="a running trial without a heartbeat for S "
                    "seconds belongs to a dead worker: it is failed and run again (default 30)")
     s.add_argument("--allow-changed-config", action="store_true",
                    help="resume although the search space or a profile changed since the study was created")
@@ -313,18 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", default="filters", help="search space whose channel counts --build-lut covers")
     p.add_argument("--build-lut", metavar="FILE", help="measure every prunable layer at every channel count the "
                    "search space can produce on the first profile, save the lookup table to FILE")
-    p.add_argument("--lut-check", type=int, default=5, help="with --build-lut: random plans measured to report "
+    p.add_argument("--lut-check", type=_num(int, 0), default=5, help="with --build-lut: random plans measured to report "
                    "the predictor's error (default 5; 0 skips)")
     p.add_argument("--run-dir", default=".", help="where the demo model is cached (default: .)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
-    p.add_argument("--top", type=int, default=10, help="layers shown in the breakdown")
+    p.add_argument("--top", type=_num(int, 0), default=10, help="layers shown in the breakdown")
     p.set_defaults(func=cmd_profile)
 
     q = sub.add_parser("prune", help="apply one uniform ratio to every group and export it like a trial")
     _add_model_args(q, data_default="none")
     q.add_argument("--search-space", default="filters")
-    q.add_argument("--ratio", type=float, required=True, help="fraction of every group's channels removed")
+    q.add_argument("--ratio", type=_num(float, 0, 0.99), required=True, help="fraction of every group's channels removed")
     q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
     q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
     q.add_argument("--out", required=True)
@@ -333,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="rebuild trials of a run from their plans and write model files")
     e.add_argument("--run", required=True, help="run directory of a search")
     g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--trial", type=int)
+    g.add_argument("--trial", type=_num(int, 0))
     g.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
-    g.add_argument("--best-under-ms", type=float, help="the most accurate Pareto trial under this latency")
+    g.add_argument("--best-under-ms", type=_num(float, 0, low_open=True), help="the most accurate Pareto trial under this latency")
     e.add_argument("--budget-profile", help="profile for --best-under-ms (default: the run's budget profile)")
     e.add_argument("--out", help="output directory (default: RUN/models)")
     e.add_argument("--storage")
@@ -358,7 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     if argv and argv[0] == "agent" or argv[:2] == ["--debug", "agent"]:
         return cmd_agent(argv[argv.index("agent") + 1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

@@ -131,6 +131,28 @@ def _typed(where: str, value: Any, kind: type, *, minimum: Optional[float] = Non
     return value
 
 
+def arg_number(kind: type, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False):
+    """An argparse ``type=`` for a number in a range (``low_open``: strictly above ``low``); NaN and infinities
+    are refused. The CLI and the agent's command line take every numeric argument through this."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _typed_section(where: str, section: Any, types: Mapping[str, Tuple[type, Any, Any]]) -> Dict[str, Any]:
     """A mapping whose every key is known and every value has its type and range (``types``: key -> kind, min, max)."""
     section = section or {}

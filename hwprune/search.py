@@ -184,6 +184,7 @@ def run_search(
     """Run (or resume) the study until it holds ``cfg.trials`` finished trials or the timeout passes; several
     workers may run it together on one storage. SIGINT/SIGTERM raise SearchInterrupted after the running trial;
     finished trials are already in the storage, so nothing finished is lost."""
+    check_search_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
@@ -251,6 +252,22 @@ def run_search(
 
 
 # ------------------------------------------------------------------------------------- study setup, workers
+
+def check_search_config(cfg: SearchConfig) -> None:
+    """What the CLI's argument types check, for callers of the Python API too (before any work is done)."""
+    import math
+
+    if not isinstance(cfg.trials, int) or cfg.trials < 1:
+        raise ConfigError(f"trials {cfg.trials!r} must be a whole number of at least 1 (finished trials wanted)")
+    for name, value in (("timeout_s", cfg.timeout_s), ("latency_budget_ms", cfg.latency_budget_ms)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} {value!r} must be a positive finite number")
+    if not (math.isfinite(cfg.screen_margin) and cfg.screen_margin >= 0):
+        raise ConfigError(f"screen_margin {cfg.screen_margin!r} must be a finite number >= 0")
+    if cfg.heartbeat_s < 1 or cfg.grace_s < 2 * cfg.heartbeat_s:
+        raise ConfigError(f"grace {cfg.grace_s} s must be at least twice the heartbeat {cfg.heartbeat_s} s (>= 1 s), "
+                          f"or live trials would be taken for dead ones; raise --grace")
+
 
 def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[DeviceProfile], meter: LatencyMeter,
                  cfg: SearchConfig, names: Sequence[str], log: Callable[[str], None] = print) -> None:
