@@ -49,7 +49,7 @@ def _workload(args, space: str, run_dir: Optional[Path] = None):
 def cmd_search(args) -> int:
     from hwprune.config import load_profiles
     from hwprune.results import write_results
-    from hwprune.search import SearchConfig, check_search_config, run_search
+    from hwprune.search import SearchConfig, SearchInterrupted, check_search_config, run_search
 
     out = Path(args.out)
     cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
@@ -64,8 +64,6 @@ def cmd_search(args) -> int:
     workload = _workload(args, args.search_space, run_dir=out)
     _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
          f"profiles {', '.join(p.name for p in profiles)}")
-    from hwprune.search import SearchInterrupted
-
     interrupted = None
     study = None
     try:

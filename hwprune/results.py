@@ -249,5 +249,9 @@ def load_results(run_dir: Path) -> Dict[str, pd.DataFrame]:
         p = run_dir / f"{name}.csv"
         if not p.is_file():
             raise RunError(f"{p} does not exist; is {run_dir} a hwprune run directory (hwprune search --out)?")
-        out[name] = pd.read_csv(p)
+        try:
+            out[name] = pd.read_csv(p)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise RunError(f"{p} is unreadable ({type(e).__name__}); rerun the same hwprune search command: it "
+                           f"rewrites the results from the study, which holds every finished trial") from e
     return out

@@ -131,3 +131,13 @@ def test_study_keeps_its_files_as_content(tmp_path, factory_module, capsys):
     profile.unlink()
     assert main(["export", "--run", str(tmp_path / "run"), "--trial", "0", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "trial-0" / "model.onnx").is_file()
+
+
+def test_an_unreadable_results_file_is_reported_in_one_line(tmp_path):
+    from hwprune.errors import RunError
+    from hwprune.results import load_results
+
+    (tmp_path / "trials.csv").write_bytes(b"\xff\xfe\x00garbage\x00" * 10)
+    (tmp_path / "pareto.csv").write_text("")
+    with pytest.raises(RunError, match="rerun the same hwprune search command"):
+        load_results(tmp_path)
