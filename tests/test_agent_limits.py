@@ -19,15 +19,40 @@ from test_latency_models import conv_onnx
 MEASURE = {"warmup": 1, "min_repeats": 3, "max_repeats": 5, "target_rel_ci": 0.5, "time_cap_s": 0.2}
 
 
+def _serve(tmp_path, **limits):
+    server = agent_mod.make_server(port=0, token=TOKEN, cache_dir=str(tmp_path / "cache"), max_model_mb=0.5,
+                                   request_timeout_s=1.0, max_wait_s=60.0, **limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture()
 def small_agent(tmp_path):
-    server = agent_mod.make_server(port=0, token=TOKEN, cache_dir=str(tmp_path / "cache"), max_model_mb=0.5,
-                                   request_timeout_s=1.0, max_connections=6, max_queue=2, max_wait_s=30.0)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
+    server = _serve(tmp_path, max_connections=16, max_queue=2)
     yield server
     server.shutdown()
     server.server_close()
+
+
+def test_connections_beyond_the_limit_get_503_at_once(tmp_path):
+    """Two clients that stall mid-request hold both connection slots: a third request is answered 503 busy at
+    once; once the stalled ones time out, requests are served again."""
+    server = _serve(tmp_path, max_connections=2, max_queue=2)
+    host, port = server.server_address[:2]
+    try:
+        stalled = [socket.create_connection((host, port)) for _ in range(2)]
+        for s in stalled:
+            s.sendall(b"GET /health HTTP/1.1\r\nAuthorization: Bearer ")  # and then nothing
+        time.sleep(0.3)
+        status, body = raw(server, "GET", "/health")
+        assert status == 503 and "busy" in body["error"]
+        time.sleep(1.5)  # the agent's request timeout (1 s) frees both slots
+        assert_still_serving(server)
+        for s in stalled:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _upload(server, path: str) -> str:
@@ -116,8 +141,9 @@ def test_settings_outside_the_limits_are_refused(small_agent, tmp_path, settings
 
 
 def test_load_of_mixed_good_and_bad_clients(small_agent, tmp_path):
-    """40 requests from 10 threads: health, wrong tokens, garbage JSON, oversized JSON, stalled clients, real
-    measurements. Each gets its correct answer (or 503 when all connections are busy); the agent stays up."""
+    """42 requests from 10 threads: health, wrong tokens, garbage JSON, oversized JSON, stalled clients, real
+    measurements. Each gets its correct answer (a measurement may get 503 busy when the device queue is full);
+    the agent stays up."""
     sha = _upload(small_agent, conv_onnx(tmp_path / "m.onnx"))
     good = json.dumps({"model": sha, "input_shape": [1, 3, 8, 8], "settings": MEASURE}).encode()
     kinds = {
@@ -130,7 +156,7 @@ def test_load_of_mixed_good_and_bad_clients(small_agent, tmp_path):
                                          TOKEN.encode() + b"\r\nContent-Length: 100\r\n\r\n{", timeout=10), {408}),
         "measure": (lambda: raw(small_agent, "POST", "/measure", good)[0], {200}),
     }
-    plan = [k for k in kinds for _ in range(7)][:40]
+    plan = [k for _ in range(7) for k in kinds]
 
     def one(kind):
         fn, expected = kinds[kind]
@@ -138,11 +164,11 @@ def test_load_of_mixed_good_and_bad_clients(small_agent, tmp_path):
             code = fn()
         except OSError as e:
             code = repr(e)
-        return kind, code, code in expected or code == 503
+        return kind, code, code in expected or (kind == "measure" and code == 503)
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(one, plan))
     wrong = [r for r in results if not r[2]]
     assert not wrong, wrong
-    assert sum(r[1] != 503 for r in results) >= 20  # most were served, not turned away
+    assert any(r[0] == "measure" and r[1] == 200 for r in results)
     assert_still_serving(small_agent)
