@@ -59,6 +59,8 @@ def parse_args(argv=None):
                     help="an existing database to run CREATE/DROP DATABASE from")
     ap.add_argument("--work", default="/tmp/hwprune-fault-injection")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--code", default=str(ROOT), help="the hwprune checkout the workers run (e.g. an older commit, "
+                    "for a before/after comparison; flags it does not know are left out)")
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "fault_injection.md"))
     return ap.parse_args(argv)
 
@@ -146,14 +148,16 @@ def main(argv=None) -> int:
     torch.save(DemoNet(in_channels=1, num_classes=10, widths=(8, 16, 16)).eval(), work / "tiny.pt")
     admin, dbname, url = fresh_database(args.postgres)
     dsn = args.postgres.rsplit("/", 1)[0] + "/" + dbname
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = Path(args.code).resolve()
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    current = "--trust-pickle" in (code / "hwprune" / "cli.py").read_text()
+    new_flags = ["--trust-pickle", "--heartbeat", "2", "--grace", "10"] if current else []
 
     def command(trials: int) -> list:
         return ["nice", "-n", "19", sys.executable, "-m", "hwprune.cli", "search", "--model", str(work / "tiny.pt"),
-                "--trust-pickle", "--data", "digits", "--search-space", str(work / "space.yaml"),
+                "--data", "digits", "--search-space", str(work / "space.yaml"),
                 "--profile", str(work / "cpu1.yaml"), "--trials", str(trials), "--out", str(work / "run"),
-                "--storage", url, "--study", "fi", "--sampler", "random", "--no-progress", "--heartbeat", "2",
-                "--grace", "10"]
+                "--storage", url, "--study", "fi", "--sampler", "random", "--no-progress", *new_flags]
 
     truncated, kills, rounds = [], 0, []
     t0 = time.time()
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
         "# Fault injection: SIGKILLed workers on a fresh PostgreSQL database",
         "",
         f"`python scripts/bench_fault_injection.py --rounds {args.rounds} --trials-per-round "
-        f"{args.trials_per_round} --min-delay-s {args.min_delay_s:g} --max-delay-s {args.max_delay_s:g} --seed {args.seed}` "
+        f"{args.trials_per_round}{'' if current else ' --code ' + str(code)} --min-delay-s {args.min_delay_s:g} --max-delay-s {args.max_delay_s:g} --seed {args.seed}` "
         f"({minutes:.1f} min on a shared 2-core machine)",
         "",
         "Two workers start together on one study in a brand-new PostgreSQL database each round (round r asks for "
