@@ -68,9 +68,8 @@ def open_storage(url: str, heartbeat_s: Optional[int] = HEARTBEAT_S, grace_s: in
 
 # ------------------------------------------------------------------------------------------------------ locks
 
-def _lock_key(url: str) -> int:
-    """A signed 64-bit advisory-lock key (one per storage: the schema is per database, not per study)."""
-    return int.from_bytes(hashlib.sha256(b"hwprune-study-lock").digest()[:8], "big", signed=True)
+# A signed 64-bit advisory-lock key, one per database (Optuna's schema is per database, not per study).
+_LOCK_KEY = int.from_bytes(hashlib.sha256(b"hwprune-study-lock").digest()[:8], "big", signed=True)
 
 
 @contextlib.contextmanager
@@ -111,11 +110,11 @@ def _sql_lock(url: str, take: str, give: str) -> Iterator[None]:
     engine = sqlalchemy.create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as con:
-            con.execute(sqlalchemy.text(take), {"k": _lock_key(url)})
+            con.execute(sqlalchemy.text(take), {"k": _LOCK_KEY} if ":k" in take else {})
             try:
                 yield
             finally:
-                con.execute(sqlalchemy.text(give), {"k": _lock_key(url)})
+                con.execute(sqlalchemy.text(give), {"k": _LOCK_KEY} if ":k" in give else {})
     finally:
         engine.dispose()
 

@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     target = 0
     for r in range(args.rounds):
         target += args.trials_per_round
-        procs = [subprocess.Popen(command(target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        procs = [subprocess.Popen(command(target), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                  cwd=code)
                  for _ in range(2)]
         victims = rng.choice([[0], [1], [0, 1]])
         # When to kill: inside a trial of the (first) victim, while results are written at the end, or any time.
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         print(f"round {r}: target {target}, kill ({moment}) after {delay:.1f} s of worker(s) {killed}, exit codes {codes}, "
               f"unparseable files {len(bad)}; study: {states.count('COMPLETE')} COMPLETE, {states.count('FAIL')} FAIL, "
               f"{states.count('RUNNING')} RUNNING, {states.count('WAITING')} WAITING", flush=True)
-    final = subprocess.run(command(target), capture_output=True, env=env, timeout=1800)
+    final = subprocess.run(command(target), capture_output=True, env=env, timeout=1800, cwd=code)
     final_ok = final.returncode == 0
     if not final_ok:
         print(final.stderr.decode()[-2000:], file=sys.stderr)
