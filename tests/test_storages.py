@@ -177,6 +177,7 @@ def test_a_killed_workers_trial_is_run_again_and_resume_completes_the_count(tmp_
     assert lost.state == optuna.trial.TrialState.FAIL
     retry = [t for t in after if t.system_attrs.get("hwprune:retry_of") == lost.number]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
-    assert retry[0].params == lost.params
+    # the same parameters (a worker killed while suggesting them leaves some unset: the retry samples those)
+    assert lost.params.items() <= retry[0].params.items()
     assert sum(t.user_attrs.get("role") == "dense" and t.state == optuna.trial.TrialState.COMPLETE
                for t in after) == 1
