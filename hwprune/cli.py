@@ -297,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--search-space", default="demo", help="a file in search_spaces/ by stem, or a YAML path")
     s.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
-    s.add_argument("--trials", type=_num(int, 1), default=30, help="finished trials wanted in the study (resumes up to it)")
+    s.add_argument("--trials", type=_num(int, 1), default=30,
+                   help="finished trials wanted in the study (resumes up to it)")
     s.add_argument("--timeout", type=_num(float, 0, low_open=True), help="stop starting trials after this many seconds")
-    s.add_argument("--latency-budget-ms", type=_num(float, 0, low_open=True), help="latency budget on the budget profile (a constraint)")
+    s.add_argument("--latency-budget-ms", type=_num(float, 0, low_open=True),
+                   help="latency budget on the budget profile (a constraint)")
     s.add_argument("--budget-profile", help="profile the budget applies to (default: the first)")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
@@ -311,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
     s.add_argument("--heartbeat", type=_num(int, 1, 3600), default=5, metavar="S",
                    help="a running trial records a heartbeat every S seconds (default 5)")
-    s.add_argument("--grace", type=_num(int, 2, 86400), default=30, metavar="S", help="a running trial without a heartbeat for S "
-                   "seconds belongs to a dead worker: it is failed and run again (default 30)")
+    s.add_argument("--grace", type=_num(int, 2, 86400), default=30, metavar="S",
+                   help="a running trial without a heartbeat for S seconds belongs to a dead worker: it is failed "
+                   "and run again (default 30)")
     s.add_argument("--allow-changed-config", action="store_true",
                    help="resume although the search space or a profile changed since the study was created")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
@@ -325,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", default="filters", help="search space whose channel counts --build-lut covers")
     p.add_argument("--build-lut", metavar="FILE", help="measure every prunable layer at every channel count the "
                    "search space can produce on the first profile, save the lookup table to FILE")
-    p.add_argument("--lut-check", type=_num(int, 0), default=5, help="with --build-lut: random plans measured to report "
+    p.add_argument("--lut-check", type=_num(int, 0), default=5,
+                   help="with --build-lut: random plans measured to report "
                    "the predictor's error (default 5; 0 skips)")
     p.add_argument("--run-dir", default=".", help="where the demo model is cached (default: .)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -336,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("prune", help="apply one uniform ratio to every group and export it like a trial")
     _add_model_args(q, data_default="none")
     q.add_argument("--search-space", default="filters")
-    q.add_argument("--ratio", type=_num(float, 0, 0.99), required=True, help="fraction of every group's channels removed")
+    q.add_argument("--ratio", type=_num(float, 0, 0.99), required=True,
+                   help="fraction of every group's channels removed")
     q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
     q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
     q.add_argument("--out", required=True)
@@ -347,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--trial", type=_num(int, 0))
     g.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
-    g.add_argument("--best-under-ms", type=_num(float, 0, low_open=True), help="the most accurate Pareto trial under this latency")
+    g.add_argument("--best-under-ms", type=_num(float, 0, low_open=True),
+                   help="the most accurate Pareto trial under this latency")
     e.add_argument("--budget-profile", help="profile for --best-under-ms (default: the run's budget profile)")
     e.add_argument("--out", help="output directory (default: RUN/models)")
     e.add_argument("--storage")

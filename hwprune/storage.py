@@ -46,7 +46,8 @@ def _is_journal(url: str) -> bool:
 def open_storage(url: str, heartbeat_s: Optional[int] = HEARTBEAT_S, grace_s: int = GRACE_S):
     """An Optuna storage object for ``url``: RDB with heartbeats (and ``requeue`` for stale trials), or a journal
     storage (Redis, or a ``.log`` journal file). Call it under ``study_lock`` when the database may be fresh."""
-    with warnings.catch_warnings():  # heartbeats and the Redis journal are "experimental" in Optuna; both are documented
+    # Heartbeats and the Redis journal are "experimental" in Optuna; both are documented.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
         if url.startswith(("redis://", "rediss://")):
@@ -61,7 +62,8 @@ def open_storage(url: str, heartbeat_s: Optional[int] = HEARTBEAT_S, grace_s: in
             return optuna.storages.RDBStorage(url)
         # Optuna 5 renamed failed_trial_callback to heartbeat_stale_trial_callback; accept both.
         params = inspect.signature(optuna.storages.RDBStorage).parameters
-        key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        key = "heartbeat_stale_trial_callback"
+        key = key if key in params else "failed_trial_callback"
         return optuna.storages.RDBStorage(url, heartbeat_interval=int(heartbeat_s),
                                           grace_period=max(int(grace_s), 2 * int(heartbeat_s)), **{key: requeue})
 
@@ -209,10 +211,11 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, interval_s: float = HEARTBEAT_S):
         storage = study._storage  # noqa: SLF001 (Optuna exposes the heartbeat only on the storage object)
+        trial_id = trial._trial_id  # noqa: SLF001
         if isinstance(storage, optuna.storages.RDBStorage):
-            self._beat = (lambda: storage.record_heartbeat(trial._trial_id)) if storage.heartbeat_interval else None  # noqa: SLF001
+            self._beat = (lambda: storage.record_heartbeat(trial_id)) if storage.heartbeat_interval else None
         else:
-            self._beat = lambda: trial.storage.set_trial_system_attr(trial._trial_id, BEAT, time.time())  # noqa: SLF001
+            self._beat = lambda: storage.set_trial_system_attr(trial_id, BEAT, time.time())
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = None

@@ -193,6 +193,6 @@ def run_trial(
         outcome.seconds["recover"] = time.perf_counter() - t2
         with atomic_path(workdir / "state_dict.pt") as tmp:
             torch.save(model.state_dict(), tmp)
-    write_text(workdir / "metrics.json",
-               json.dumps({**outcome.metrics(), "structures": outcome.structures}, indent=2, sort_keys=True, default=str))
+    metrics = {**outcome.metrics(), "structures": outcome.structures}
+    write_text(workdir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
     return outcome, model

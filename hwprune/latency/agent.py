@@ -509,17 +509,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve latency measurements of ONNX models on this device to hwprune searches elsewhere.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=arg_number(int, 0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--port", type=arg_number(int, 0, 65535), default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--token", default=None, help=f"shared secret clients must send (default: ${TOKEN_ENV})")
-    p.add_argument("--max-model-mb", type=arg_number(float, 0, low_open=True), default=200.0, help="largest accepted model upload (default 200)")
-    p.add_argument("--cache-dir", default=None, help="where uploaded models are kept (default ~/.cache/hwprune/agent-models)")
-    p.add_argument("--request-timeout-s", type=arg_number(float, 0, low_open=True), default=60.0, help="socket timeout per request (default 60)")
-    p.add_argument("--max-measure-s", type=arg_number(float, 0, low_open=True), default=120.0, help="largest time_cap_s a client may ask for")
-    p.add_argument("--max-connections", type=arg_number(int, 1), default=16, help="requests served at once; more get 503 (default 16)")
-    p.add_argument("--max-queue", type=arg_number(int, 1), default=8, help="requests waiting for the device; more get 503 (default 8)")
+    p.add_argument("--max-model-mb", type=arg_number(float, 0, low_open=True), default=200.0,
+                   help="largest accepted model upload (default 200)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where uploaded models are kept (default ~/.cache/hwprune/agent-models)")
+    p.add_argument("--request-timeout-s", type=arg_number(float, 0, low_open=True), default=60.0,
+                   help="socket timeout per request (default 60)")
+    p.add_argument("--max-measure-s", type=arg_number(float, 0, low_open=True), default=120.0,
+                   help="largest time_cap_s a client may ask for")
+    p.add_argument("--max-connections", type=arg_number(int, 1), default=16,
+                   help="requests served at once; more get 503 (default 16)")
+    p.add_argument("--max-queue", type=arg_number(int, 1), default=8,
+                   help="requests waiting for the device; more get 503 (default 8)")
     p.add_argument("--max-wait-s", type=arg_number(float, 0, low_open=True), default=300.0,
                    help="longest wait for the device before a 503 busy answer (default 300)")
-    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address (prints a warning)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback address (prints a warning)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p
 
