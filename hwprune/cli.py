@@ -25,8 +25,14 @@ def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") 
     p.add_argument("--data", default=data_default,
                    help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | none (default {data_default})")
     p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
-    p.add_argument("--image-size", type=int, help="resize images of imagefolder/torchvision data to this size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_num(int, 1), help="resize images of imagefolder/torchvision data to this size")
+    p.add_argument("--seed", type=_num(int, 0, 2**32 - 1), default=0)
+    _add_trust_arg(p)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --model FILE.pt, a pickled whole module: loading it runs code from the file")
 
 
 def _workload(args, space: str, run_dir: Optional[Path] = None):
@@ -34,7 +40,8 @@ def _workload(args, space: str, run_dir: Optional[Path] = None):
 
     shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
     return build_workload(args.model, args.data, space, weights=args.weights, input_shape=shape,
-                          run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log)
+                          run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log,
+                          trust_pickle=args.trust_pickle)
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -42,37 +49,43 @@ def _workload(args, space: str, run_dir: Optional[Path] = None):
 def cmd_search(args) -> int:
     from hwprune.config import load_profiles
     from hwprune.results import write_results
-    from hwprune.search import SearchConfig, run_search
+    from hwprune.search import SearchConfig, SearchInterrupted, check_search_config, run_search
 
     if args.verify_rounds < 0:
         raise HwpruneError(f"--verify-rounds {args.verify_rounds} must be 0 (skip) or more")
     out = Path(args.out)
+    cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
+                       budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
+                       sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
+                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
+                       allow_changed_config=args.allow_changed_config, heartbeat_s=args.heartbeat,
+                       grace_s=args.grace, allow_device_change=args.allow_device_change)
+    check_search_config(cfg)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=out)
     _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
          f"profiles {', '.join(p.name for p in profiles)}")
-    cfg = SearchConfig(out_dir=out, trials=args.trials, timeout_s=args.timeout, latency_budget_ms=args.latency_budget_ms,
-                       budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
-                       sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
-                       progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
-                       allow_device_change=args.allow_device_change)
-    interrupted = False
+    interrupted = None
     study = None
     try:
         study = run_search(workload, profiles, cfg, log=_log)
-    except KeyboardInterrupt:
-        interrupted = True
-        _log("interrupted: finished trials are kept in the study; writing results of what finished")
+    except SearchInterrupted as e:
+        interrupted = e
+        _log(f"interrupted ({e}): finished trials are kept in the study; writing the results of what finished")
     if study is None:
         from hwprune.search import objective_names, open_study
 
         study = open_study(cfg, objective_names(workload, profiles, cfg.macs_objective), load_only=True)
-    tables = write_results(study, workload, out, export=not args.no_export, log=_log)
+    tables = write_results(study, workload, out, export=not args.no_export and interrupted is None, log=_log)
     _print_summary(tables, out)
-    if not interrupted and not args.no_export and args.verify_rounds > 0 and not tables["pareto"].empty:
+    if interrupted is not None:
+        _log(f"resume: run the same command again (same --out, --storage and --study); it continues up to "
+             f"--trials {args.trials}" + ("" if args.no_export else "; models were not exported"))
+        return interrupted.exit_code
+    if not args.no_export and args.verify_rounds > 0 and not tables["pareto"].empty:
         _verify_front(out, args.verify_rounds, args.verify_tolerance)
-    return EXIT_INTERRUPTED if interrupted else 0
+    return 0
 
 
 def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
@@ -260,8 +273,12 @@ def cmd_export(args) -> int:
         raise RunError(f"{run} has no study.db; give --storage URL if the search used another storage")
     study = open_study(cfg, [], load_only=True)
     a = study.user_attrs
-    workload = build_workload(a["model"], a["data"], a["search_space"], weights=a.get("weights"),
-                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log)
+    from hwprune.provenance import stored_search_space
+
+    space = stored_search_space(a) or a["search_space"]  # the study's own copy: the file may be elsewhere or edited
+    workload = build_workload(a["model"], a["data"], space, weights=a.get("weights"), image_size=a.get("image_size"),
+                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log,
+                              trust_pickle=args.trust_pickle)
     df = trials_frame(study)
     if args.trial is not None:
         rows = df[df.trial == args.trial]
@@ -306,8 +323,21 @@ def cmd_agent(argv: List[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------------- main
 
+def _num(kind, low=None, high=None, low_open=False):
+    from hwprune.config import arg_number
+
+    return arg_number(kind, low, high, low_open)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (``hwprune: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"hwprune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="hwprune",
         description="Hardware-aware pruning search: per-layer structure and ratio chosen with Optuna, scored by "
                     "latency measured on device profiles, MACs and validation accuracy.",
@@ -319,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--search-space", default="demo", help="a file in search_spaces/ by stem, or a YAML path")
     s.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
-    s.add_argument("--trials", type=int, default=30, help="finished trials wanted in the study (resumes up to it)")
-    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    s.add_argument("--latency-budget-ms", type=float, help="latency budget on the budget profile (a constraint)")
+    s.add_argument("--trials", type=_num(int, 1), default=30,
+                   help="finished trials wanted in the study (resumes up to it)")
+    s.add_argument("--timeout", type=_num(float, 0, low_open=True), help="stop starting trials after this many seconds")
+    s.add_argument("--latency-budget-ms", type=_num(float, 0, low_open=True),
+                   help="latency budget on the budget profile (a constraint)")
     s.add_argument("--budget-profile", help="profile the budget applies to (default: the first)")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
@@ -329,8 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"])
     s.add_argument("--macs-objective", action="store_true", help="also minimise MACs")
     s.add_argument("--lut", help="latency lookup table (hwprune profile --build-lut) to screen candidates with")
-    s.add_argument("--screen-margin", type=float, default=0.1,
+    s.add_argument("--screen-margin", type=_num(float, 0), default=0.1,
                    help="with --lut: skip candidates predicted over the budget by more than this fraction")
+    s.add_argument("--heartbeat", type=_num(int, 1, 3600), default=5, metavar="S",
+                   help="a running trial records a heartbeat every S seconds (default 5)")
+    s.add_argument("--grace", type=_num(int, 2, 86400), default=30, metavar="S",
+                   help="a running trial without a heartbeat for S seconds belongs to a dead worker: it is failed "
+                   "and run again (default 30)")
+    s.add_argument("--allow-changed-config", action="store_true",
+                   help="resume although the search space or a profile changed since the study was created")
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
     s.add_argument("--verify-rounds", type=int, default=3,
                    help="re-time the exported front alone, each model in a fresh process, this many rounds (0: skip)")
@@ -346,18 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", default="filters", help="search space whose channel counts --build-lut covers")
     p.add_argument("--build-lut", metavar="FILE", help="measure every prunable layer at every channel count the "
                    "search space can produce on the first profile, save the lookup table to FILE")
-    p.add_argument("--lut-check", type=int, default=5, help="with --build-lut: random plans measured to report "
+    p.add_argument("--lut-check", type=_num(int, 0), default=5,
+                   help="with --build-lut: random plans measured to report "
                    "the predictor's error (default 5; 0 skips)")
     p.add_argument("--run-dir", default=".", help="where the demo model is cached (default: .)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
-    p.add_argument("--top", type=int, default=10, help="layers shown in the breakdown")
+    p.add_argument("--top", type=_num(int, 0), default=10, help="layers shown in the breakdown")
     p.set_defaults(func=cmd_profile)
 
     q = sub.add_parser("prune", help="apply one uniform ratio to every group and export it like a trial")
     _add_model_args(q, data_default="none")
     q.add_argument("--search-space", default="filters")
-    q.add_argument("--ratio", type=float, required=True, help="fraction of every group's channels removed")
+    q.add_argument("--ratio", type=_num(float, 0, 0.99), required=True,
+                   help="fraction of every group's channels removed")
     q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
     q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
     q.add_argument("--out", required=True)
@@ -366,13 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="rebuild trials of a run from their plans and write model files")
     e.add_argument("--run", required=True, help="run directory of a search")
     g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--trial", type=int)
+    g.add_argument("--trial", type=_num(int, 0))
     g.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
-    g.add_argument("--best-under-ms", type=float, help="the most accurate Pareto trial under this latency")
+    g.add_argument("--best-under-ms", type=_num(float, 0, low_open=True),
+                   help="the most accurate Pareto trial under this latency")
     e.add_argument("--budget-profile", help="profile for --best-under-ms (default: the run's budget profile)")
     e.add_argument("--out", help="output directory (default: RUN/models)")
     e.add_argument("--storage")
     e.add_argument("--study", default="hwprune")
+    _add_trust_arg(e)
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="re-time a run's dense and front models alone, each in a fresh process, and "
@@ -398,7 +441,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     if argv and argv[0] == "agent" or argv[:2] == ["--debug", "agent"]:
         return cmd_agent(argv[argv.index("agent") + 1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

@@ -6,6 +6,7 @@ choices, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -121,11 +122,35 @@ def _typed(where: str, value: Any, kind: type, *, minimum: Optional[float] = Non
         value = float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{where}: {value!r} is below the minimum {minimum}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{where}: {value!r} is above the maximum {maximum}")
     return value
+
+
+def arg_number(kind: type, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False):
+    """An argparse ``type=`` for a number in a range (``low_open``: strictly above ``low``); NaN and infinities
+    are refused. The CLI and the agent's command line take every numeric argument through this."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if low_open else 'at least'} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _typed_section(where: str, section: Any, types: Mapping[str, Tuple[type, Any, Any]]) -> Dict[str, Any]:
@@ -263,6 +288,12 @@ def load_search_space(ref: str) -> SearchSpace:
 # Device profiles
 
 _PROFILE_KEYS = ("name", "description", "backend", "batch_size", "channel_multiple", "options", "measure", "accelerates")
+
+
+def parse_measure_settings(where: str, section: Any) -> MeasureSettings:
+    """Measure settings from a mapping (a profile's ``measure:``, an agent request's ``settings``): the one
+    validation in ``MeasureSettings.from_dict`` (typed, within limits; ConfigError with one line otherwise)."""
+    return MeasureSettings.from_dict(section if section is not None else {}, where)
 
 
 def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProfile:

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from hwprune.atomic import atomic_path
 from hwprune.errors import ModelError
 
 OPSET = 17
@@ -19,10 +20,10 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(*input_shape)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(), (x,), str(path), input_names=["input"], output_names=["output"],
+                model.eval(), (x,), str(tmp), input_names=["input"], output_names=["output"],
                 opset_version=OPSET, dynamo=False,
             )
     except Exception as e:
@@ -35,5 +36,6 @@ def save_torch(model: nn.Module, path: Path) -> Path:
     not enough); load with ``torch.load(path, weights_only=False)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model, path)
+    with atomic_path(path) as tmp:
+        torch.save(model, tmp)
     return path

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hwprune.atomic import atomic_path
 from hwprune.errors import ModelError
 
 MODEL_CHOICES = "demo, torchvision:NAME, FILE.pt (torch.save of a whole model), package.module:factory"
@@ -128,12 +129,29 @@ def _factory_model(ref: str) -> nn.Module:
     return model
 
 
-def _file_model(ref: str) -> nn.Module:
+TRUST_FLAG = "--trust-pickle"
+
+
+def _file_model(ref: str, trust_pickle: bool = False) -> nn.Module:
+    """A whole module saved with torch.save(model). Unpickling it runs whatever code the file names, so it is
+    read as plain data first and unpickled only with the user's explicit ``trust_pickle``."""
     path = Path(ref).expanduser()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"model file {ref!r} is not readable with torch.load ({_load_failure(e)})") from e
+        reason = _load_failure(e)
+        if "Unsupported global" not in reason:
+            raise ModelError(f"model file {ref!r} is not readable with torch.load ({reason})") from e
+        if not trust_pickle:
+            raise ModelError(
+                f"model file {ref!r} is a pickled Python object: loading it runs code named in the file; pass "
+                f"{TRUST_FLAG} if you trust where it came from, or give the architecture as package.module:factory "
+                f"or torchvision:NAME with --weights STATE_DICT (read as plain data)"
+            ) from e
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise ModelError(f"model file {ref!r} is not readable with torch.load ({_load_failure(e2)})") from e2
     if isinstance(obj, dict):
         raise ModelError(
             f"model file {ref!r} holds a state_dict, not a whole model; pass the architecture as --model "
@@ -145,9 +163,11 @@ def _file_model(ref: str) -> nn.Module:
 
 
 def load_model(
-    ref: str, weights: Optional[str] = None, num_classes: Optional[int] = None, in_channels: int = 1
+    ref: str, weights: Optional[str] = None, num_classes: Optional[int] = None, in_channels: int = 1,
+    trust_pickle: bool = False,
 ) -> nn.Module:
-    """Build the model a ``--model`` reference names (the demo is returned untrained; see ``prepare_demo``)."""
+    """Build the model a ``--model`` reference names (the demo is returned untrained; see ``prepare_demo``).
+    A pickled model file is unpickled only with ``trust_pickle`` (``--trust-pickle``); weights are plain data."""
     if ref == "demo":
         model = DemoNet(in_channels=in_channels, num_classes=num_classes or 10)
     elif ref.startswith("torchvision:"):
@@ -157,7 +177,7 @@ def load_model(
             raise ModelError(f"model file {ref!r} does not exist")
         if weights:
             raise ModelError("--weights applies to torchvision:NAME and package.module:factory, not to a model file")
-        model = _file_model(ref)
+        model = _file_model(ref, trust_pickle)
     elif ":" in ref:
         model = _factory_model(ref)
     else:
@@ -219,7 +239,6 @@ def load_or_train_demo(cache_path: Path, data, epochs: int = 3, seed: int = 0, l
     acc = evaluate(model, data)
     log(f"demo model: validation accuracy {acc:.4f}")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"data": data.name, "state_dict": model.state_dict(), "val_accuracy": acc, "epochs": epochs}, tmp)
-    os.replace(tmp, cache_path)
+    with atomic_path(cache_path) as tmp:
+        torch.save({"data": data.name, "state_dict": model.state_dict(), "val_accuracy": acc, "epochs": epochs}, tmp)
     return model.eval()

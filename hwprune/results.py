@@ -15,6 +15,7 @@ import optuna
 import pandas as pd
 import torch
 
+from hwprune.atomic import atomic_path, write_text
 from hwprune.errors import RunError
 from hwprune.export import save_torch, to_onnx
 from hwprune.plan import PruningPlan, replay_plan
@@ -120,7 +121,8 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -152,7 +154,7 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
         metrics["sparse_formats"] = write_sparse_weights(model, reports, out_dir / "sparse_weights.pt")
     metrics["input_shape"] = [batch_size, *workload.input_shape]
     metrics["weights"] = "recovered (fine-tuned)" if weights.is_file() else "pruned from the dense weights, no recovery"
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -176,7 +178,9 @@ def write_sparse_weights(model: torch.nn.Module, reports: List[dict], path: Path
         else:
             out[layer], formats[layer] = gemm.to_sparse_coo().coalesce(), f"{fmt} (stored as coo)"
     if out:
-        torch.save({"format": formats, "weights": out, "note": "GEMM view [out, in*kh*kw] of each layer's weight"}, path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": formats, "weights": out, "note": "GEMM view [out, in*kh*kw] of each layer's weight"},
+                       tmp)
     return formats
 
 
@@ -218,8 +222,8 @@ def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export
         raise RunError(f"study {study.study_name!r} has no trials yet; run hwprune search first")
     objectives = objective_columns(study)
     front = pareto_frame(df, objectives)
-    df.to_csv(run_dir / "trials.csv", index=False)
-    front.to_csv(run_dir / "pareto.csv", index=False)
+    write_text(run_dir / "trials.csv", df.to_csv(index=False))
+    write_text(run_dir / "pareto.csv", front.to_csv(index=False))
     budget = study.user_attrs.get("latency_budget_ms")
     if not front.empty or not df[df.state == "complete"].empty:
         with warnings.catch_warnings():
@@ -245,5 +249,9 @@ def load_results(run_dir: Path) -> Dict[str, pd.DataFrame]:
         p = run_dir / f"{name}.csv"
         if not p.is_file():
             raise RunError(f"{p} does not exist; is {run_dir} a hwprune run directory (hwprune search --out)?")
-        out[name] = pd.read_csv(p)
+        try:
+            out[name] = pd.read_csv(p)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise RunError(f"{p} is unreadable ({type(e).__name__}); rerun the same hwprune search command: it "
+                           f"rewrites the results from the study, which holds every finished trial") from e
     return out

@@ -8,19 +8,20 @@ recovery budget as every candidate.
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import gc
 import signal
-import socket
 import threading
-import warnings
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import optuna
 
+from hwprune import storage as shared
 from hwprune.errors import BudgetError, ConfigError, RunError
 from hwprune.latency import DeviceProfile
 from hwprune.plan import PruningPlan
@@ -29,7 +30,7 @@ from hwprune.workload import Workload
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 PARAM_PREFIX = "ratio:"
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+FINISHED = shared.FINISHED
 
 
 @dataclass
@@ -47,6 +48,9 @@ class SearchConfig:
     progress: bool = True
     lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
     screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
+    allow_changed_config: bool = False  # resume although the search space or a profile file changed
+    heartbeat_s: int = shared.HEARTBEAT_S  # a running trial beats this often (RDB: Optuna's heartbeat)
+    grace_s: int = shared.GRACE_S  # a running trial silent this long belongs to a dead worker: failed, run again
     allow_device_change: bool = False  # resume / join a study measured on a device with another fingerprint
 
 
@@ -60,22 +64,6 @@ def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_
 
 def directions(names: Sequence[str]) -> List[str]:
     return ["maximize" if n in ("accuracy", "macs_kept") else "minimize" for n in names]
-
-
-def storage_url(cfg: SearchConfig):
-    """Any Optuna storage URL; ``redis://`` goes through Optuna's journal storage; default SQLite in the run dir."""
-    url = cfg.storage or f"sqlite:///{(Path(cfg.out_dir) / 'study.db').resolve()}"
-    if url.startswith(("redis://", "rediss://")):
-        from optuna.storages.journal import JournalRedisBackend
-
-        with warnings.catch_warnings():  # "experimental" since Optuna 3.1; it is the documented Redis storage
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.JournalStorage(JournalRedisBackend(url))
-    if url.endswith(".log") and "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    return url
 
 
 def make_sampler(name: str, seed: int, trials: int, constrained: bool):
@@ -97,24 +85,33 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return trial.user_attrs.get("constraint", [0.0])
 
 
-def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False) -> optuna.Study:
+def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False,
+               setup: Optional[Callable[[optuna.Study], None]] = None) -> optuna.Study:
+    """Create or load the study. Storage creation (the schema of a fresh database) and ``setup`` (the study's
+    one-time attributes, the dense baseline) run under the storage's lock, so workers started together are safe."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_url(cfg)
-    if load_only:
-        try:
-            return optuna.load_study(study_name=cfg.study_name, storage=storage)
-        except KeyError as e:
-            raise RunError(f"no study {cfg.study_name!r} in {cfg.storage or cfg.out_dir}; check --study") from e
-    sampler = make_sampler(cfg.sampler, cfg.seed, cfg.trials, cfg.latency_budget_ms is not None)
-    study = optuna.create_study(
-        study_name=cfg.study_name, storage=storage, sampler=sampler, directions=directions(names), load_if_exists=True
-    )
-    stored = study.user_attrs.get("objectives")
-    if stored is not None and list(stored) != list(names):
-        raise RunError(
-            f"study {cfg.study_name!r} was created with objectives {stored}, not {list(names)}; use another --study "
-            f"name or the same profiles and data"
+    url = shared.storage_url(cfg.storage, cfg.out_dir)
+    with shared.study_lock(url):
+        storage = shared.open_storage(url, cfg.heartbeat_s, cfg.grace_s)
+        if load_only:
+            try:
+                return optuna.load_study(study_name=cfg.study_name, storage=storage)
+            except KeyError as e:
+                raise RunError(f"no study {cfg.study_name!r} in {cfg.storage or cfg.out_dir}; check --study") from e
+        sampler = make_sampler(cfg.sampler, cfg.seed, cfg.trials, cfg.latency_budget_ms is not None)
+        study = optuna.create_study(
+            study_name=cfg.study_name, storage=storage, sampler=sampler, directions=directions(names),
+            load_if_exists=True,
         )
+        stored = study.user_attrs.get("objectives")
+        if stored is not None and list(stored) != list(names):
+            raise RunError(
+                f"study {cfg.study_name!r} was created with objectives {stored}, not {list(names)}; use another "
+                f"--study name or the same profiles and data"
+            )
+        if setup is not None:
+            shared.fail_dead_trials(study, cfg.grace_s)  # before the baseline check: a lost baseline is requeued
+            setup(study)
     return study
 
 
@@ -225,11 +222,10 @@ def run_search(
     cfg: SearchConfig,
     log: Callable[[str], None] = print,
 ) -> optuna.Study:
-    """Run (or resume) the study until it holds ``cfg.trials`` finished trials or the timeout passes.
-
-    KeyboardInterrupt propagates after the running trial is recorded as failed; finished trials are already in
-    the storage, so nothing finished is lost.
-    """
+    """Run (or resume) the study until it holds ``cfg.trials`` finished trials or the timeout passes; several
+    workers may run it together on one storage. SIGINT/SIGTERM raise SearchInterrupted after the running trial;
+    finished trials are already in the storage, so nothing finished is lost."""
+    check_search_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workload = workload.for_profiles(profiles)  # channel counts the targets need (profile channel_multiple)
@@ -247,21 +243,7 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
 
     save_profiles(out, profiles)
     names = objective_names(workload, profiles, cfg.macs_objective)
-    study = open_study(cfg, names)
-    if "objectives" not in study.user_attrs:
-        study.set_user_attr("objectives", names)
-        study.set_user_attr("model", workload.model_ref)
-        study.set_user_attr("weights", workload.weights)
-        study.set_user_attr("data", workload.data_ref)
-        study.set_user_attr("search_space", workload.space.source or workload.space.name)
-        study.set_user_attr("profiles", [p.source or p.name for p in profiles])
-        study.set_user_attr("input_shape", list(workload.input_shape))
-        study.set_user_attr("latency_budget_ms", cfg.latency_budget_ms)
-        study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
-        study.set_user_attr("fingerprints", meter.fingerprints())
-        study.set_user_attr("seed", cfg.seed)
-        study.set_user_attr("reference_ms", meter.reference_ms)
-        study.set_user_attr("reference", {k: v.to_dict() for k, v in meter.reference_stats.items()})
+    study = open_study(cfg, names, setup=lambda st: _setup_study(st, workload, profiles, meter, cfg, names, log))
     check_same_device(study, meter, cfg.allow_device_change, log)
     use_study_reference(study, meter, log)
     check_budget(workload, meter, cfg, log)
@@ -276,14 +258,11 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
     from hwprune.costs import count_macs
 
     dense_macs = count_macs(workload.model, workload.example_input)
-    if not study.trials:
-        study.enqueue_trial({PARAM_PREFIX + g.name: 0.0 for g in workload.groups}, user_attrs={"role": "dense"})
 
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
         plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
         trial.set_user_attr("plan", plan.to_json())
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         if screen is not None and not dense and not plan.structures:
             measure, predicted = screen.should_measure_plan(plan)
             if not measure:
@@ -311,27 +290,153 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             trial.set_user_attr("constraint", [outcome.latency[bp].median_ms - cfg.latency_budget_ms])
         return _values(outcome, names, dense_macs)
 
-    done = sum(t.state in FINISHED for t in study.trials)
+    done = shared.done_count(study)
     remaining = cfg.trials - done
     if remaining <= 0:
         log(f"study {cfg.study_name!r} already holds {done} finished trials (>= --trials {cfg.trials}); nothing to run")
         return study
-    callbacks = [optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)]
     bar = _Progress(remaining, names) if cfg.progress else None
-    if bar is not None:
-        callbacks.append(bar.callback)
-    stop = _InterruptGuard()
-    callbacks.append(stop.callback)
     try:
-        with stop:
-            study.optimize(
-                objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=callbacks, catch=(Exception,),
-                gc_after_trial=True,
-            )
+        run_worker(study, objective, cfg, callbacks=[bar.callback] if bar else [], log=log)
     finally:
         if bar is not None:
             bar.close()
     return study
+
+
+# ------------------------------------------------------------------------------------- study setup, workers
+
+def check_search_config(cfg: SearchConfig) -> None:
+    """What the CLI's argument types check, for callers of the Python API too (before any work is done)."""
+    import math
+
+    if not isinstance(cfg.trials, int) or cfg.trials < 1:
+        raise ConfigError(f"trials {cfg.trials!r} must be a whole number of at least 1 (finished trials wanted)")
+    for name, value in (("timeout_s", cfg.timeout_s), ("latency_budget_ms", cfg.latency_budget_ms)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} {value!r} must be a positive finite number")
+    if not (math.isfinite(cfg.screen_margin) and cfg.screen_margin >= 0):
+        raise ConfigError(f"screen_margin {cfg.screen_margin!r} must be a finite number >= 0")
+    if cfg.heartbeat_s < 1 or cfg.grace_s < 2 * cfg.heartbeat_s:
+        raise ConfigError(f"grace {cfg.grace_s} s must be at least twice the heartbeat {cfg.heartbeat_s} s (>= 1 s), "
+                          f"or live trials would be taken for dead ones; raise --grace")
+
+
+def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[DeviceProfile], meter: LatencyMeter,
+                 cfg: SearchConfig, names: Sequence[str], log: Callable[[str], None] = print) -> None:
+    """Once per study, under the storage lock: what the study was made of (files as content), and the dense
+    baseline. On resume, a search space or profile that changed since is refused (provenance.check_unchanged)."""
+    from hwprune import provenance
+
+    files = provenance.records(workload.space, profiles)
+    if "objectives" in study.user_attrs:
+        for line in provenance.check_unchanged(study.user_attrs, files, cfg.allow_changed_config):
+            log(f"warning: resuming with a changed {line} ({provenance.OVERRIDE_FLAG})")
+    else:
+        for key, value in files.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("image_size", workload.image_size)
+        study.set_user_attr("objectives", names)
+        study.set_user_attr("model", workload.model_ref)
+        study.set_user_attr("weights", workload.weights)
+        study.set_user_attr("data", workload.data_ref)
+        study.set_user_attr("search_space", workload.space.source or workload.space.name)
+        study.set_user_attr("profiles", [p.source or p.name for p in profiles])
+        study.set_user_attr("input_shape", list(workload.input_shape))
+        study.set_user_attr("latency_budget_ms", cfg.latency_budget_ms)
+        study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
+        study.set_user_attr("fingerprints", meter.fingerprints())
+        study.set_user_attr("seed", cfg.seed)
+        study.set_user_attr("reference_ms", meter.reference_ms)
+        study.set_user_attr("reference", {k: v.to_dict() for k, v in meter.reference_stats.items()})
+    ensure_dense_trial(study, workload)
+
+
+def ensure_dense_trial(study: optuna.Study, workload: Workload) -> None:
+    """Queue the dense baseline unless one is queued, running or complete (checked and queued under the
+    storage lock, so N workers starting together queue it once; a lost baseline is queued again)."""
+    live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
+    if not any(t.user_attrs.get("role") == "dense" for t in study.get_trials(deepcopy=False, states=live)):
+        study.enqueue_trial({PARAM_PREFIX + g.name: 0.0 for g in workload.groups}, user_attrs={"role": "dense"})
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the search; finished trials are in the storage. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def claim_trial(study: optuna.Study, url: str, target: int, grace_s: float,
+                log: Callable[[str], None]) -> Optional[optuna.Trial]:
+    """The next trial for this worker, or None once finished + running trials reach ``target``. Under the
+    storage lock, so several workers together run exactly ``target`` trials; trials of dead workers are failed
+    and queued again first, and a queued trial (the baseline, a retry) is taken before a new one."""
+    with shared.study_lock(url):
+        shared.fail_dead_trials(study, grace_s, log)
+        running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if shared.done_count(study) + running >= target:
+            return None
+        with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); ours beat here
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        trial.set_user_attr(shared.WORKER, shared.worker_id())
+        return trial
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], List[float]], cfg: SearchConfig,
+               callbacks: Sequence[Callable] = (), log: Callable[[str], None] = print) -> None:
+    """Claim and run trials until the study holds ``cfg.trials`` finished trials, the timeout passes, or a
+    signal asks to stop (then the running trial finishes first; a second signal stops it at once and queues it
+    again). Raises SearchInterrupted after a signal."""
+    url = shared.storage_url(cfg.storage, cfg.out_dir)
+    deadline = None if cfg.timeout_s is None else time.monotonic() + cfg.timeout_s
+    with _StopSignals(log) as stop:
+        while not stop.signum and (deadline is None or time.monotonic() < deadline):
+            trial = claim_trial(study, url, cfg.trials, cfg.grace_s, log)
+            if trial is None:
+                break
+            frozen = _run_trial(study, trial, objective, cfg, stop, log)
+            for cb in callbacks:
+                cb(study, frozen)
+    if stop.signum:
+        raise SearchInterrupted(stop.signum)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective, cfg: SearchConfig, stop: "_StopSignals",
+               log: Callable[[str], None]) -> optuna.trial.FrozenTrial:
+    """One trial with a heartbeat; an exception fails it (reason kept) and the search goes on."""
+    with shared.Heartbeat(study, trial, cfg.heartbeat_s):
+        try:
+            with stop.interruptible():
+                values = objective(trial)
+        except optuna.TrialPruned:
+            return study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except KeyboardInterrupt:  # a second signal: stop now, run this trial again on resume
+            frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            with shared.study_lock(shared.storage_url(cfg.storage, cfg.out_dir)):
+                shared.requeue(study, frozen)
+            raise SearchInterrupted(stop.signum or signal.SIGINT)
+        except Exception as e:
+            if "reason" not in trial.user_attrs:
+                trial.set_user_attr("reason", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            log(f"trial {trial.number} failed: {trial.user_attrs.get('reason')}")
+            return _tell(study, trial, log, state=optuna.trial.TrialState.FAIL)
+        finally:
+            gc.collect()
+        return _tell(study, trial, log, values=values)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None], **result) -> optuna.trial.FrozenTrial:
+    """Record the result, unless another worker already failed this trial as a dead worker's (this one stalled
+    past the grace period): then its retry is queued and this result is dropped, so it is not counted twice."""
+    frozen = study.tell(trial, skip_if_finished=True, **result)
+    wanted = result.get("state") or optuna.trial.TrialState.COMPLETE
+    if frozen.state != wanted and frozen.state == optuna.trial.TrialState.FAIL and "reason" not in frozen.user_attrs:
+        log(f"trial {trial.number} was failed by another worker (no heartbeat within --grace); its retry runs it")
+    return frozen
 
 
 def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, study: optuna.Study,
@@ -389,36 +494,44 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
     return values
 
 
-class _InterruptGuard:
-    """Makes Ctrl-C reliable. Python delivers KeyboardInterrupt wherever the interpreter happens to be; inside a
-    garbage-collection callback it is printed and swallowed, and the search would go on. The guard remembers the
-    signal: the running trial is still interrupted at once where possible, and otherwise the study stops after
-    the trial in progress, and KeyboardInterrupt is raised when optimize returns."""
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM stop the search after the running trial; a second signal stops the trial
+    itself (it is failed and queued again). Python delivers KeyboardInterrupt wherever the interpreter happens to
+    be (inside a garbage-collection callback it is printed and swallowed), so the first signal only sets a flag."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    def __init__(self, log: Callable[[str], None]):
+        self.signum = 0
+        self.log = log
+        self._previous: Dict[int, object] = {}
+        self._in_trial = False
 
     def _handler(self, signum, frame):
-        self.requested = True
-        raise KeyboardInterrupt
+        if self.signum and self._in_trial:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self._in_trial:
+            self.log(f"{signal.Signals(signum).name}: stopping after the running trial (send it again to stop now)")
 
-    def callback(self, study: optuna.Study, trial) -> None:
-        if self.requested:
-            study.stop()
+    @contextlib.contextmanager
+    def interruptible(self):
+        self._in_trial = True
+        try:
+            yield
+        finally:
+            self._in_trial = False
 
     def __enter__(self):
-        # Only where Python's own Ctrl-C handling is active (not when SIGINT is ignored, e.g. under nohup).
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():
+            # SIGINT only where Python's own Ctrl-C handling is active (not when ignored, e.g. under nohup).
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        if self.requested and exc_type is None:
-            raise KeyboardInterrupt
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from hwprune.atomic import atomic_path, write_text
 from hwprune.costs import Costs, measure_costs
 from hwprune.export import to_onnx
 from hwprune.latency import (
@@ -235,7 +236,7 @@ def run_trial(
     t0 = time.perf_counter()
     calibration = workload.calibration_batch() if plan.criterion == "taylor" else None
     model, plan, reports = apply_plan(workload.model, plan, workload.example_input, calibration)
-    (workdir / "plan.json").write_text(plan.to_json())
+    write_text(workdir / "plan.json", plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
     outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0}, structures=[r.to_dict() for r in reports])
@@ -256,8 +257,8 @@ def run_trial(
         model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed)
         outcome.accuracy = evaluate(model, workload.data)
         outcome.seconds["recover"] = time.perf_counter() - t2
-        torch.save(model.state_dict(), workdir / "state_dict.pt")
-    (workdir / "metrics.json").write_text(
-        json.dumps({**outcome.metrics(), "structures": outcome.structures}, indent=2, sort_keys=True, default=str)
-    )
+        with atomic_path(workdir / "state_dict.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+    metrics = {**outcome.metrics(), "structures": outcome.structures}
+    write_text(workdir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
     return outcome, model

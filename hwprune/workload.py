@@ -32,6 +32,7 @@ class Workload:
     structure_layers: List[str] = field(default_factory=list)  # layers that may take a catalog structure
     weights: Optional[str] = None
     data_ref: str = "none"
+    image_size: Optional[int] = None  # images resized to this (stored in the study: export rebuilds alike)
     extra: Dict[str, object] = field(default_factory=dict)
     channel_multiple: int = 1  # what the target profiles need kept channel counts to be multiples of
 
@@ -98,6 +99,7 @@ def build_workload(
     seed: int = 0,
     image_size: Optional[int] = None,
     log: Callable[[str], None] = print,
+    trust_pickle: bool = False,
 ) -> Workload:
     """Load model and data, check they fit, and resolve which groups the space may prune."""
     if isinstance(space, str):
@@ -123,7 +125,8 @@ def build_workload(
             cache = Path(run_dir or ".") / "demo_model.pt"
             model = load_or_train_demo(cache, data, seed=seed, log=log)
     else:
-        model = load_model(model_ref, weights=weights, num_classes=data.num_classes if data else None)
+        model = load_model(model_ref, weights=weights, num_classes=data.num_classes if data else None,
+                           trust_pickle=trust_pickle)
     model.eval()
     what = f"data {data.name!r}" if data is not None else "--input-shape"
     example = check_input(model, input_shape, what)
@@ -147,4 +150,5 @@ def build_workload(
             f"narrow 'ignore'"
         )
     structure_layers = space.structure_layers(all_names)
-    return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref)
+    return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref,
+                    image_size=image_size)

@@ -183,3 +183,24 @@ def test_workers_creating_the_cache_at_once_do_not_fail(tmp_path):
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * 6
         assert len(LatencyCache(path)) == 6
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_cache_file_is_set_aside_and_rebuilt(tmp_path, damage):
+    """A damaged cache (not SQLite at all, or cut short mid-file) is reported, moved aside and rebuilt empty."""
+    path = tmp_path / "latency_cache.sqlite"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database\x00" * 200)
+    else:
+        good = LatencyCache(path)
+        for i in range(200):
+            good.put(f"k{i}", summarize([1.0, 1.1, 1.2] * 20))
+        good.close()
+        data = path.read_bytes()
+        path.write_bytes(data[:100] + b"\xff" * 50 + data[150: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        cache = LatencyCache(path)
+    assert len(cache) == 0
+    cache.put("k", summarize([1.0, 2.0, 3.0]))
+    assert cache.get("k") is not None
+    assert list(tmp_path.glob("latency_cache.sqlite.corrupt-*"))

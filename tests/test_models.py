@@ -1,4 +1,6 @@
 """Model references: demo, torchvision:NAME, a torch.save'd model file, package.module:factory, --weights."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -31,10 +33,34 @@ def test_torchvision_unknown_name_hints():
 def test_whole_model_file_round_trip(tmp_path, tiny_net, example_input):
     path = tmp_path / "net.pt"
     torch.save(tiny_net, path)
-    m = load_model(str(path))
+    m = load_model(str(path), trust_pickle=True)
     assert isinstance(m, DemoNet) and not m.training
     with torch.no_grad():
         torch.testing.assert_close(m(example_input), tiny_net(example_input))
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile model file can hold: unpickling calls Path.touch (any callable would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_model_file_is_refused_without_trust(tmp_path, tiny_net):
+    """A pickled whole module runs code on load: refused (nothing executed) unless --trust-pickle is given."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "hostile.pt"
+    torch.save(_RunsCodeWhenUnpickled(marker), path)
+    with pytest.raises(ModelError) as e:
+        load_model(str(path))
+    assert "--trust-pickle" in str(e.value) and "runs code" in str(e.value)
+    assert not marker.exists()
+    torch.save(tiny_net, tmp_path / "net.pt")
+    with pytest.raises(ModelError, match="--trust-pickle"):
+        load_model(str(tmp_path / "net.pt"))
 
 
 def test_state_dict_as_model_file_is_a_model_error(tmp_path, tiny_net):

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     (root / "fast-cpu.yaml").write_text(FAST_PROFILE_YAML)
     model_path = root / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    args = ["search", "--model", str(model_path), "--data", "digits", "--search-space", str(root / "space.yaml"),
+    args = ["search", "--model", str(model_path), "--trust-pickle", "--data", "digits", "--search-space", str(root / "space.yaml"),
             "--profile", str(root / "fast-cpu.yaml"), "--trials", "5", "--out", str(root / "run"), "--no-progress"]
     assert main(args) == 0
     return {"root": root, "dir": root / "run", "args": args, "model_path": model_path}
@@ -98,15 +98,15 @@ def test_export_cli_modes(run, tmp_path):
     d = run["dir"]
     front = pd.read_csv(d / "pareto.csv")
     t = int(front.trial.iloc[0])
-    assert main(["export", "--run", str(d), "--trial", str(t), "--out", str(tmp_path / "one")]) == 0
+    assert main(["export", "--run", str(d), "--trust-pickle", "--trial", str(t), "--out", str(tmp_path / "one")]) == 0
     assert (tmp_path / "one" / f"trial-{t}" / "model.onnx").is_file()
-    assert main(["export", "--run", str(d), "--pareto", "--out", str(tmp_path / "all")]) == 0
+    assert main(["export", "--run", str(d), "--trust-pickle", "--pareto", "--out", str(tmp_path / "all")]) == 0
     assert len(list((tmp_path / "all").iterdir())) == len(front)
-    assert main(["export", "--run", str(d), "--best-under-ms", "1000", "--out", str(tmp_path / "best")]) == 0
+    assert main(["export", "--run", str(d), "--trust-pickle", "--best-under-ms", "1000", "--out", str(tmp_path / "best")]) == 0
     best = front.sort_values("accuracy", ascending=False).iloc[0]
     assert (tmp_path / "best" / f"trial-{int(best.trial)}").is_dir()
     # a trial that does not exist: one clear error, non-zero exit
-    assert main(["export", "--run", str(d), "--trial", "999"]) != 0
+    assert main(["export", "--run", str(d), "--trust-pickle", "--trial", "999"]) != 0
 
 
 def test_rerun_with_the_same_study_resumes(run):
@@ -130,7 +130,7 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch,
 
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    workload = build_workload(str(model_path), "digits", str(space_file))
+    workload = build_workload(str(model_path), "digits", str(space_file), trust_pickle=True)
     calls = {"n": 0}
     real = trial_mod.recover
 
@@ -158,7 +158,7 @@ def test_over_budget_trial_stops_before_training(tmp_path, space_file, profile_f
 
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    workload = build_workload(str(model_path), "digits", str(space_file))
+    workload = build_workload(str(model_path), "digits", str(space_file), trust_pickle=True)
     meter = LatencyMeter([load_profile(str(profile_file))], workload.model, workload.input_shape, tmp_path, cache=False)
     outcome, _ = run_trial(workload, workload.uniform_plan(0.5), meter, tmp_path / "t", budget_ms=1e-6)
     assert not outcome.feasible and outcome.accuracy is None
@@ -176,7 +176,7 @@ def test_latency_cache_measures_a_repeated_architecture_once(tmp_path, space_fil
 
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    workload = build_workload(str(model_path), "digits", str(space_file))
+    workload = build_workload(str(model_path), "digits", str(space_file), trust_pickle=True)
     meter = LatencyMeter([load_profile(str(profile_file))], workload.model, workload.input_shape, tmp_path)
     model, _, _ = apply_plan(workload.model, workload.uniform_plan(0.5), workload.example_input)
     first = meter.measure(model, tmp_path / "a")["fast-cpu"]
@@ -201,7 +201,7 @@ def test_interrupt_keeps_finished_trials_and_writes_results(tmp_path, space_file
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", str(model_path), "--data", "digits",
+    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", str(model_path), "--trust-pickle", "--data", "digits",
            "--search-space", str(space_file), "--profile", str(profile_file), "--trials", "200",
            "--out", str(run_dir), "--no-progress", "--no-export"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -245,7 +245,7 @@ def test_lut_screening_skips_candidates_predicted_over_budget(tmp_path, space_fi
 
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    workload = build_workload(str(model_path), "digits", str(space_file))
+    workload = build_workload(str(model_path), "digits", str(space_file), trust_pickle=True)
 
     class Table:
         entries, scale, overhead_ms = {"x": 1.0}, 1.0, 0.0
@@ -282,7 +282,7 @@ def test_lut_screening_skips_candidates_predicted_over_budget(tmp_path, space_fi
 def test_lut_without_budget_is_a_clear_error(tmp_path, space_file, profile_file):
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    rc = main(["search", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+    rc = main(["search", "--model", str(model_path), "--trust-pickle", "--data", "digits", "--search-space", str(space_file),
                "--profile", str(profile_file), "--trials", "2", "--out", str(tmp_path / "run"), "--lut", "x.json",
                "--no-progress"])
     assert rc == 2
@@ -294,15 +294,15 @@ def test_prune_and_profile_commands(tmp_path, space_file, profile_file, capsys):
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+    assert main(["prune", "--model", str(model_path), "--trust-pickle", "--data", "digits", "--search-space", str(space_file),
                  "--profile", str(profile_file), "--ratio", "0.5", "--out", str(out)]) == 0
     assert {"model.onnx", "model.pt", "metrics.json", "plan.json"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] is not None and metrics["macs"] < 329568  # the tiny net's dense MACs
-    assert main(["prune", "--model", str(model_path), "--ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["prune", "--model", str(model_path), "--trust-pickle", "--ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()  # rejected before any work
     capsys.readouterr()
-    assert main(["profile", "--model", str(model_path), "--input-shape", "1,8,8", "--profile", str(profile_file),
+    assert main(["profile", "--model", str(model_path), "--trust-pickle", "--input-shape", "1,8,8", "--profile", str(profile_file),
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     entry = report["profiles"]["fast-cpu"]

@@ -17,10 +17,18 @@ Protocol (JSON over HTTP; every request carries ``Authorization: Bearer <token>`
                             -> {"stats"} or, with a reference, {"pair"} (interleaved), plus {"fingerprint"}
 Errors: {"error": one line, "kind": error class}. Measurements (and model checks) hold one lock, so they never
 overlap on the device.
+
+Limits (a device agent must stay up whatever clients send): the token is checked from the headers before any body
+is read (a wrong token gets 401 and the connection is closed unread); bodies over the JSON or model limit get 413
+unread; at most ``--max-connections`` requests are served at once (more get 503 at once); at most ``--max-queue``
+measurements wait for the device, each at most ``--max-wait-s`` (then 503 "busy", which clients retry with
+backoff); measure settings are validated against the same limits as a profile's ``measure:`` section; a client
+that stalls mid-request is cut off after ``--request-timeout-s``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -37,7 +45,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from hwprune.errors import BackendUnavailable, ConfigError, HwpruneError, ModelError
 from hwprune.latency.base import DeviceProfile, MeasureSettings
-from hwprune.latency.measure import environment_fingerprint, settings_from_dict
+from hwprune.latency.measure import environment_fingerprint
 from hwprune.latency.onnxruntime_backend import OPTIONS as ORT_OPTIONS
 from hwprune.latency.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -46,7 +54,10 @@ DEFAULT_PORT = 8765
 TOKEN_ENV = "HWPRUNE_AGENT_TOKEN"
 MAX_JSON_BYTES = 1 << 20
 MAX_INPUT_ELEMENTS = 1 << 26
-MAX_DRAIN_BYTES = 1 << 30
+# A refused body is read and dropped (so the client sees our answer, not a reset) only up to these sizes: little
+# for a client without the token, more for an authorized one whose upload is over the limit.
+MAX_DRAIN_BYTES = 1 << 16
+MAX_DRAIN_AUTHORIZED_BYTES = 64 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_PATH_RE = re.compile(r"^/models/([0-9a-f]{64})$")
 FORWARDED_OPTIONS = tuple(o for o in ORT_OPTIONS)
@@ -67,6 +78,8 @@ class AgentState:
         cache_dir: str,
         max_model_bytes: int,
         max_measure_s: float = 120.0,
+        max_queue: int = 8,
+        max_wait_s: float = 300.0,
     ):
         if not token:
             raise ConfigError(f"the agent needs a token: pass --token T or set {TOKEN_ENV}")
@@ -76,8 +89,32 @@ class AgentState:
         self.max_model_bytes = int(max_model_bytes)
         self.max_measure_s = float(max_measure_s)
         self.device_lock = threading.Lock()
+        self.max_queue = int(max_queue)
+        self.max_wait_s = float(max_wait_s)
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._backends: Dict[str, OnnxRuntimeBackend] = {}
         self._backends_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def device(self):
+        """The device, one request at a time; a bounded queue waits for it, the rest get 503 busy at once."""
+        with self._waiting_lock:
+            if self._waiting >= self.max_queue:
+                raise HttpError(503, f"agent busy: {self._waiting} requests already wait for the device (limit "
+                                     f"{self.max_queue}); retry later", "busy")
+            self._waiting += 1
+        try:
+            acquired = self.device_lock.acquire(timeout=self.max_wait_s)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        if not acquired:
+            raise HttpError(503, f"agent busy: the device stayed in use for {self.max_wait_s:g} s; retry later", "busy")
+        try:
+            yield
+        finally:
+            self.device_lock.release()
 
     def authorized(self, header: Optional[str]) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -164,10 +201,11 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, f"bad Content-Length {n}", "HwpruneError")
         return n
 
-    def _drain(self, n: int) -> None:
-        """Read and discard a body we refuse, so the client gets our answer instead of a reset connection."""
+    def _drain(self, n: int, limit: int = MAX_DRAIN_AUTHORIZED_BYTES) -> None:
+        """Read and discard a body we refuse, so the client gets our answer instead of a reset connection; a body
+        over ``limit`` is not read at all (the connection is closed after the answer)."""
         self.close_connection = True
-        if n > MAX_DRAIN_BYTES:
+        if n > limit:
             return
         try:
             while n > 0:
@@ -200,10 +238,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, fn) -> None:
         try:
-            if not self.state.authorized(self.headers.get("Authorization")):
+            if not self.state.authorized(self.headers.get("Authorization")):  # before any body byte is read
                 n = self.headers.get("Content-Length")
-                if n and n.isdigit():
-                    self._drain(int(n))
+                self._drain(int(n) if n and n.isdigit() else MAX_DRAIN_BYTES + 1, limit=MAX_DRAIN_BYTES)
                 raise HttpError(401, "missing or wrong token", "BackendUnavailable")
             fn()
         except HttpError as e:
@@ -287,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         if dest.is_file():
             self._send(200, {"have": True, "stored": sha})
             return
-        with self.state.device_lock:  # loading a model uses the device too
+        with self.state.device():  # loading a model uses the device too
             self.state.check_model(data)
         fd, tmp = tempfile.mkstemp(dir=str(self.state.cache_dir), suffix=".part")
         try:
@@ -318,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
         b = self.state.backend(req.get("options") or {}, shape[0], settings)
         model = self._stored(req.get("model"))
         ref = req.get("reference")
-        with self.state.device_lock:
+        with self.state.device():
             if ref is None:
                 stats = b.measure_onnx(str(model), shape)
                 out: Dict[str, Any] = {"stats": stats.to_dict(with_samples=True)}
@@ -339,19 +376,15 @@ class Handler(BaseHTTPRequestHandler):
     def _settings(self, d: Any) -> MeasureSettings:
         if d is not None and not isinstance(d, dict):
             raise HttpError(400, "settings must be a JSON object", "ConfigError")
+        from hwprune.config import parse_measure_settings  # the limits of a profile's measure: section
+
         try:
-            s = settings_from_dict(d)
-        except (ValueError, TypeError, HwpruneError) as e:
+            s = parse_measure_settings("settings", d)
+        except ConfigError as e:
             raise HttpError(400, f"bad measure settings: {e}", "ConfigError") from None
-        if not (0 <= s.warmup <= 10000 and 1 <= s.min_repeats <= s.max_repeats <= 100000):
-            raise HttpError(400, f"measure settings out of range: {s}", "ConfigError")
-        if not (0 <= s.target_rel_ci <= 1 and 0 <= s.time_cap_s <= self.state.max_measure_s):
-            raise HttpError(
-                400,
-                f"time_cap_s {s.time_cap_s} must be within 0..{self.state.max_measure_s} (the agent's "
-                f"--max-measure-s) and target_rel_ci within 0..1",
-                "ConfigError",
-            )
+        if s.time_cap_s > self.state.max_measure_s:
+            raise HttpError(400, f"settings.time_cap_s {s.time_cap_s:g} is above the agent's --max-measure-s "
+                                 f"{self.state.max_measure_s:g}", "ConfigError")
         return s
 
 
@@ -388,12 +421,38 @@ class AgentServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr, handler, state: AgentState):
+    def __init__(self, addr, handler, state: AgentState, max_connections: int = 16):
         host = addr[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
         self.state = state
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        """A thread per connection, at most ``max_connections`` at once; one more is answered 503 and closed."""
+        if not self._slots.acquire(blocking=False):
+            body = json.dumps({"error": "agent busy: too many connections; retry later", "kind": "busy"}).encode()
+            with contextlib.suppress(OSError):
+                # Take what the client already sent (briefly: this is the accept loop), so that closing does not
+                # reset the connection before the client reads the answer.
+                request.settimeout(0.1)
+                request.recv(MAX_DRAIN_BYTES)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -411,6 +470,9 @@ def make_server(
     max_measure_s: float = 120.0,
     allow_remote: bool = False,
     verbose: bool = False,
+    max_connections: int = 16,
+    max_queue: int = 8,
+    max_wait_s: float = 300.0,
 ) -> AgentServer:
     """A ready (bound, not yet serving) agent. ``port=0`` picks a free port; see ``server.url``. Serve with
     ``server.serve_forever()`` (e.g. in a thread) and stop with ``server.shutdown()``."""
@@ -419,34 +481,53 @@ def make_server(
             f"agent host {host!r} is not a loopback address; the token travels unencrypted over HTTP, so binding "
             f"to a network interface needs --allow-remote (use only on a trusted network or behind an SSH tunnel)"
         )
-    if max_model_mb <= 0:
-        raise ConfigError(f"--max-model-mb must be positive, got {max_model_mb}")
+    for flag, value, low in (("--max-model-mb", max_model_mb, 1e-9), ("--request-timeout-s", request_timeout_s, 1e-3),
+                             ("--max-measure-s", max_measure_s, 1e-3), ("--max-connections", max_connections, 1),
+                             ("--max-queue", max_queue, 1), ("--max-wait-s", max_wait_s, 1e-3)):
+        if not value >= low or value == float("inf"):  # also NaN
+            raise ConfigError(f"{flag} must be a positive finite number, got {value}")
     state = AgentState(
         token=token,
         cache_dir=cache_dir or os.path.join(Path.home(), ".cache", "hwprune", "agent-models"),
         max_model_bytes=int(max_model_mb * 1024 * 1024),
         max_measure_s=max_measure_s,
+        max_queue=max_queue,
+        max_wait_s=max_wait_s,
     )
     handler = type("BoundHandler", (Handler,), {"state": state, "timeout": request_timeout_s, "verbose": verbose})
     try:
-        return AgentServer((host, port), handler, state)
+        return AgentServer((host, port), handler, state, max_connections=int(max_connections))
     except OSError as e:
         raise ConfigError(f"agent cannot listen on {host}:{port}: {e.strerror}; pick another --port or host") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hwprune.config import arg_number
+
     p = argparse.ArgumentParser(
         prog="hwprune agent",
         description="Serve latency measurements of ONNX models on this device to hwprune searches elsewhere.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--port", type=arg_number(int, 0, 65535), default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--token", default=None, help=f"shared secret clients must send (default: ${TOKEN_ENV})")
-    p.add_argument("--max-model-mb", type=float, default=200.0, help="largest accepted model upload (default 200)")
-    p.add_argument("--cache-dir", default=None, help="where uploaded models are kept (default ~/.cache/hwprune/agent-models)")
-    p.add_argument("--request-timeout-s", type=float, default=60.0, help="socket timeout per request (default 60)")
-    p.add_argument("--max-measure-s", type=float, default=120.0, help="largest time_cap_s a client may ask for")
-    p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address (prints a warning)")
+    p.add_argument("--max-model-mb", type=arg_number(float, 0, low_open=True), default=200.0,
+                   help="largest accepted model upload (default 200)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where uploaded models are kept (default ~/.cache/hwprune/agent-models)")
+    p.add_argument("--request-timeout-s", type=arg_number(float, 0, low_open=True), default=60.0,
+                   help="socket timeout per request (default 60)")
+    p.add_argument("--max-measure-s", type=arg_number(float, 0, low_open=True), default=120.0,
+                   help="largest time_cap_s a client may ask for")
+    p.add_argument("--max-connections", type=arg_number(int, 1), default=16,
+                   help="requests served at once; more get 503 (default 16)")
+    p.add_argument("--max-queue", type=arg_number(int, 1), default=8,
+                   help="requests waiting for the device; more get 503 (default 8)")
+    p.add_argument("--max-wait-s", type=arg_number(float, 0, low_open=True), default=300.0,
+                   help="longest wait for the device before a 503 busy answer (default 300)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback address (prints a warning)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p
 
@@ -465,6 +546,9 @@ def main(argv=None) -> int:
             max_measure_s=args.max_measure_s,
             allow_remote=args.allow_remote,
             verbose=args.verbose,
+            max_connections=args.max_connections,
+            max_queue=args.max_queue,
+            max_wait_s=args.max_wait_s,
         )
     except HwpruneError as e:
         print(f"hwprune agent: error: {e}", file=sys.stderr)

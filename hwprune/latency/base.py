@@ -112,12 +112,13 @@ class MeasureSettings:
 
     # field -> (type, minimum, maximum or choices)
     FIELDS: ClassVar[Dict[str, Tuple[type, Any, Any]]] = {
-        "warmup": (int, 0, 100_000),
-        "min_repeats": (int, 1, 1_000_000),
-        "max_repeats": (int, 1, 1_000_000),
+        # upper limits keep one measurement bounded (the agent refuses requests beyond them)
+        "warmup": (int, 0, 1000),
+        "min_repeats": (int, 1, 100_000),
+        "max_repeats": (int, 1, 100_000),
         "target_rel_ci": (float, 0.0, 1.0),
-        "time_cap_s": (float, 0.0, 86_400.0),
-        "interleave_block": (int, 1, 10_000),
+        "time_cap_s": (float, 0.0, 3600.0),
+        "interleave_block": (int, 1, 1000),
         "isolation": (str, None, ISOLATIONS),
         "plausible_margin": (float, 0.0, 100.0),
     }

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -26,6 +27,10 @@ from hwprune.latency.base import (
 from hwprune.latency.measure import fingerprint_hash
 
 Entry = Union[LatencyStats, PairedLatency]
+
+def _corrupt(e: Exception) -> bool:
+    return any(m in str(e) for m in ("not a database", "malformed", "corrupt"))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS latency (
@@ -97,7 +102,29 @@ class LatencyCache:
         self.hits = 0
         self.misses = 0
         self._local = threading.local()
-        self._retrying(lambda: self._connect().execute(_SCHEMA))
+        try:
+            self._retrying(self._create)
+        except sqlite3.DatabaseError as e:  # a corrupt cache is rebuilt, never fatal
+            if not _corrupt(e):
+                raise
+            self._set_aside(e)
+            self._retrying(self._create)
+
+    def _create(self) -> None:
+        con = self._connect()
+        con.execute(_SCHEMA)
+        con.execute("SELECT COUNT(*) FROM latency").fetchone()  # reads the file: a damaged one fails here
+
+    def _set_aside(self, error: Exception) -> None:
+        """Move a corrupt cache file (and its WAL/SHM files) aside so that a fresh one is built in its place."""
+        self.close()
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                src.replace(Path(str(aside) + suffix))
+        warnings.warn(f"latency cache {self.path} is unreadable ({error}); moved to {aside.name}, rebuilding it",
+                      RuntimeWarning, stacklevel=3)
 
     def _retrying(self, fn):
         """Run ``fn``, retrying while another process holds a lock SQLite does not wait for by itself (switching
