@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import pandas as pd
 
 from hwprune.errors import RunError
-from hwprune.fileio import write_text_atomic
+from hwprune.atomic import write_text as write_text_atomic
 from hwprune.latency.base import DeviceProfile
 
 PROFILES_FILE = "profiles.json"
