@@ -47,6 +47,7 @@ class SearchConfig:
     progress: bool = True
     lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
     screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
+    warm_start: bool = True  # enqueue the uniform sweep and the global-magnitude plan as the first trials
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -207,6 +208,7 @@ def run_search(
         study.set_user_attr("fingerprints", meter.fingerprints())
         study.set_user_attr("seed", cfg.seed)
         study.set_user_attr("reference_ms", meter.reference_ms)
+        _name_metrics(study, names)
     # Every worker and every resume scales its same-window ratios by the one reference latency of the study.
     stored = study.user_attrs.get("reference_ms", {})
     meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
@@ -224,6 +226,10 @@ def run_search(
     dense_macs = count_macs(workload.model, workload.example_input)
     if not study.trials:
         study.enqueue_trial({PARAM_PREFIX + g.name: 0.0 for g in workload.groups}, user_attrs={"role": "dense"})
+    if cfg.warm_start:
+        from hwprune.baselines import enqueue_warm_start
+
+        enqueue_warm_start(study, workload, cfg.trials - 1, log)
 
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
@@ -278,6 +284,13 @@ def run_search(
         if bar is not None:
             bar.close()
     return study
+
+
+def _name_metrics(study: optuna.Study, names: Sequence[str]) -> None:
+    """Objective names in the study itself, so optuna-dashboard labels its axes."""
+    with warnings.catch_warnings():  # experimental in Optuna 3.x-5.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(names))
 
 
 def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, study: optuna.Study,
