@@ -96,6 +96,17 @@ def enqueue_warm_start(study: optuna.Study, workload: Workload, max_trials: int,
 
 # ---------------------------------------------------------------------------------------- hwprune baseline
 
+def meter_for_run(study: optuna.Study, workload: Workload, run_dir: Path):
+    """A latency meter on the run's profiles that scales by the study's own dense reference, like its trials."""
+    from hwprune.config import load_profiles
+    from hwprune.trial import LatencyMeter
+
+    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.input_shape, run_dir)
+    stored = study.user_attrs.get("reference_ms", {})
+    meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
+    return meter
+
+
 def run_baselines(workload: Workload, meter, run_dir: Path, method: str, ratios: Optional[Sequence[float]] = None,
                   count: int = 10, seed: int = 0, budget_ms: Optional[float] = None,
                   budget_profile: Optional[str] = None, existing: Sequence[str] = (),

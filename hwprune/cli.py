@@ -248,10 +248,8 @@ def cmd_export(args) -> int:
 # ------------------------------------------------------------------------------------ baseline, finetune
 
 def cmd_baseline(args) -> int:
-    from hwprune.baselines import baselines_frame, run_baselines, write_baseline_summary
-    from hwprune.config import load_profiles
+    from hwprune.baselines import baselines_frame, meter_for_run, run_baselines, write_baseline_summary
     from hwprune.results import write_results
-    from hwprune.trial import LatencyMeter
 
     if args.ratios and args.method == "random":
         raise HwpruneError("--ratios does not apply to --method random; give --count N instead")
@@ -260,9 +258,7 @@ def cmd_baseline(args) -> int:
         raise HwpruneError(f"--ratios {bad[0]} must be in (0, 1): the fraction of channels removed")
     run, study, workload = _open_run(args)
     a = study.user_attrs
-    meter = LatencyMeter(load_profiles(a["profiles"]), workload.model, workload.input_shape, run)
-    stored = a.get("reference_ms", {})  # the same dense reference as the search's trials
-    meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
+    meter = meter_for_run(study, workload, run)
     tables = write_results(study, workload, run, export=False, log=_log)
     existing = set(baselines_frame(study, tables["trials"], run).get("baseline", []))
     run_baselines(workload, meter, run, args.method, args.ratios, args.count, a.get("seed", 0),
