@@ -54,7 +54,7 @@ def cmd_search(args) -> int:
                        budget_profile=args.budget_profile, storage=args.storage, study_name=args.study,
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
                        progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
-                       warm_start=not args.no_warm_start)
+                       warm_start=not args.no_warm_start, proposals=args.proposals)
     interrupted = False
     study = None
     try:
@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-export", action="store_true", help="do not export the Pareto models")
     s.add_argument("--no-warm-start", action="store_true",
                    help="do not enqueue the uniform sweep and the global-magnitude plan as the first trials")
+    s.add_argument("--proposals", action="store_true",
+                   help="measure each group's accuracy drop and latency saved, enqueue greedy knapsack plans")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_search)
 

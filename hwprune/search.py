@@ -48,6 +48,7 @@ class SearchConfig:
     lut_path: Optional[str] = None  # latency lookup table of the budget profile: screen candidates before measuring
     screen_margin: float = 0.1  # skip a candidate predicted over the budget by more than this fraction
     warm_start: bool = True  # enqueue the uniform sweep and the global-magnitude plan as the first trials
+    proposals: bool = False  # enqueue greedy plans from measured per-group sensitivity and latency saved
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -230,6 +231,12 @@ def run_search(
         from hwprune.baselines import enqueue_warm_start
 
         enqueue_warm_start(study, workload, cfg.trials - 1, log)
+    if cfg.proposals:
+        from hwprune.proposals import enqueue_proposals
+
+        used = 1 + len(study.user_attrs.get("warm_start") or [])
+        enqueue_proposals(study, workload, meter, cfg.budget_profile or profiles[0].name, out, cfg.trials - used,
+                          cfg.seed, log)
 
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"

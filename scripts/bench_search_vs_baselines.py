@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default="nsga2")
     ap.add_argument("--global-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--random-count", type=int, default=None, help="random plans (default: as many as --trials)")
+    ap.add_argument("--proposals", action="store_true", help="also enqueue the greedy hardware-aware proposals")
+    ap.add_argument("--no-warm-start", action="store_true")
     ap.add_argument("--no-retime", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report")
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
     workload = (build_workload("demo", "mnist-5k", args.search_space, run_dir=out, seed=args.seed)
                 if args.model == "demo" else vgg_workload(out, args.search_space, args.seed))
     profile = load_profile(args.profile)
-    cfg = SearchConfig(out_dir=out, trials=args.trials, seed=args.seed, sampler=args.sampler, progress=False)
+    cfg = SearchConfig(out_dir=out, trials=args.trials, seed=args.seed, sampler=args.sampler, progress=False,
+                       proposals=args.proposals, warm_start=not args.no_warm_start)
     t1 = time.perf_counter()
     study = run_search(workload, [profile], cfg)
     t_search = time.perf_counter() - t1
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
     dense = df[df.role == "dense"].iloc[0]
     lines = [
         f"`{args.model}` on MNIST-5k, profile `{profile.name}`, search space `{args.search_space}`, sampler "
-        f"{args.sampler}, {len(df)} trials (warm start: {', '.join(study.user_attrs.get('warm_start', []))}); "
+        f"{args.sampler}, {len(df)} trials (warm start: {', '.join(study.user_attrs.get('warm_start') or []) or 'none'}; "
+        f"proposals: {', '.join(study.user_attrs.get('proposals') or []) or 'none'}); "
         f"search {t_search / 60:.1f} min, global + random baselines {t_base / 60:.1f} min; model ready in "
         f"{t1 - t0:.0f} s.",
         f"Dense (trial 0, same recovery budget): accuracy {dense.accuracy:.4f}, {dense.macs / 1e6:.2f} M MACs.",

@@ -173,3 +173,19 @@ def test_finetune_improves_a_pruned_model_on_digits(run, capsys):
 
     assert evaluate(model, load_dataset("digits", seed=0)) == pytest.approx(row.accuracy_finetuned)
     assert main(["finetune", "--run", str(d), "--trial", "999", "--steps", "5"]) == 2
+
+
+def test_greedy_proposals_take_latency_saved_per_accuracy_lost():
+    from hwprune.proposals import GroupEffect, greedy_plans
+
+    effects = [
+        GroupEffect("a", 0.5, 0.001, 3.0), GroupEffect("a", 0.75, 0.050, 4.0),  # cheap first half, costly after
+        GroupEffect("b", 0.5, 0.010, 2.0), GroupEffect("b", 0.75, 0.012, 3.0),
+        GroupEffect("c", 0.5, 0.200, 1.0),  # saves little, costs a lot: taken last
+    ]
+    plans = greedy_plans(effects, ["a", "b", "c"], dense_ms=10.0, targets=(0.7, 0.4))
+    # steps: a->0.5 (3/0.002), b->0.75 (3/0.013), b 0.5 is worse per pp; a->0.75 (1/0.05); c->0.5 (1/0.201)
+    assert plans[0] == ("greedy@0.7", {"a": 0.5, "b": 0.0, "c": 0.0})  # 7 ms estimated
+    assert plans[1] == ("greedy@0.4", {"a": 0.5, "b": 0.75, "c": 0.0})  # 4 ms
+    unreachable = greedy_plans(effects, ["a", "b", "c"], dense_ms=10.0, targets=(0.1,))
+    assert unreachable == [("greedy@0.2", {"a": 0.75, "b": 0.75, "c": 0.5})]  # everything taken: 2 ms
