@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="cpu-1thread")
     ap.add_argument("--search-space", default="demo")
     ap.add_argument("--sampler", default="nsga2")
-    ap.add_argument("--global-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--random-count", type=int, default=None, help="random plans (default: as many as --trials)")
+    ap.add_argument("--global-ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75], help="none: skip")
+    ap.add_argument("--random-count", type=int, default=None, help="random plans (default: as many as --trials; 0: skip)")
     ap.add_argument("--proposals", action="store_true", help="also enqueue the greedy hardware-aware proposals")
     ap.add_argument("--no-warm-start", action="store_true")
     ap.add_argument("--no-retime", action="store_true")
@@ -86,9 +86,11 @@ def main(argv=None) -> int:
     meter = meter_for_run(study, workload, out)
     t2 = time.perf_counter()
     done = {p.parent.name for p in out.glob("baselines/*/metrics.json")}
-    run_baselines(workload, meter, out, "global", args.global_ratios, seed=args.seed, existing=done)
-    run_baselines(workload, meter, out, "random", count=args.random_count or args.trials, seed=args.seed,
-                  existing=done)
+    if args.global_ratios:
+        run_baselines(workload, meter, out, "global", args.global_ratios, seed=args.seed, existing=done)
+    count = args.trials if args.random_count is None else args.random_count
+    if count > 0:
+        run_baselines(workload, meter, out, "random", count=count, seed=args.seed, existing=done)
     t_base = time.perf_counter() - t2
     summary = write_baseline_summary(study, out, tables)
 
