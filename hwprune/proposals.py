@@ -34,21 +34,25 @@ class GroupEffect:
     latency_saved_ms: float
 
 
+def cheap_accuracy(workload: Workload, ratios: Dict[str, float], bn_batches: int = 10, seed: int = 0) -> float:
+    """Validation accuracy of a plan after BN recalibration only: the cheap fidelity (no fine-tuning)."""
+    model = apply_plan(workload.model, workload.plan(ratios), workload.example_input)[0]
+    recalibrate_bn(model, workload.data, bn_batches, workload.space.recovery.batch_size, seed)
+    return evaluate(model, workload.data)
+
+
 def measure_effects(workload: Workload, meter, profile: str, workdir: Path, bn_batches: int = 10, seed: int = 0,
                     log: Callable[[str], None] = print) -> List[GroupEffect]:
     """One pruned model per (group, nonzero grid ratio): accuracy drop and latency saved."""
-    budget = workload.space.recovery
-    dense = apply_plan(workload.model, workload.dense_plan(), workload.example_input)[0]
-    recalibrate_bn(dense, workload.data, bn_batches, budget.batch_size, seed)  # the same treatment as candidates
-    base_acc = evaluate(dense, workload.data)
+    base_acc = cheap_accuracy(workload, {}, bn_batches, seed)  # dense, treated like the candidates
     base_ms = meter.reference_ms[profile]
     effects = []
     workdir = Path(workdir)
     for g in workload.groups:
         for r in [r for r in workload.space.ratios if r > 0]:
-            model = apply_plan(workload.model, workload.plan({g.name: r}), workload.example_input)[0]
-            recalibrate_bn(model, workload.data, bn_batches, budget.batch_size, seed)
-            acc = evaluate(model, workload.data)
+            plan = workload.plan({g.name: r})
+            model = apply_plan(workload.model, plan, workload.example_input)[0]
+            acc = cheap_accuracy(workload, {g.name: r}, bn_batches, seed)
             ms = meter.measure(model, workdir / "probe")[profile].median_ms
             effects.append(GroupEffect(g.name, float(r), base_acc - acc, base_ms - ms))
     shutil.rmtree(workdir / "probe", ignore_errors=True)
