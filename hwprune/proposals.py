@@ -37,6 +37,10 @@ class GroupEffect:
 def cheap_accuracy(workload: Workload, ratios: Dict[str, float], bn_batches: int = 10, seed: int = 0) -> float:
     """Validation accuracy of a plan after BN recalibration only: the cheap fidelity (no fine-tuning)."""
     model = apply_plan(workload.model, workload.plan(ratios), workload.example_input)[0]
+    return _recalibrated_accuracy(workload, model, bn_batches, seed)
+
+
+def _recalibrated_accuracy(workload: Workload, model, bn_batches: int, seed: int) -> float:
     recalibrate_bn(model, workload.data, bn_batches, workload.space.recovery.batch_size, seed)
     return evaluate(model, workload.data)
 
@@ -50,10 +54,9 @@ def measure_effects(workload: Workload, meter, profile: str, workdir: Path, bn_b
     workdir = Path(workdir)
     for g in workload.groups:
         for r in [r for r in workload.space.ratios if r > 0]:
-            plan = workload.plan({g.name: r})
-            model = apply_plan(workload.model, plan, workload.example_input)[0]
-            acc = cheap_accuracy(workload, {g.name: r}, bn_batches, seed)
+            model = apply_plan(workload.model, workload.plan({g.name: r}), workload.example_input)[0]
             ms = meter.measure(model, workdir / "probe")[profile].median_ms
+            acc = _recalibrated_accuracy(workload, model, bn_batches, seed)
             effects.append(GroupEffect(g.name, float(r), base_acc - acc, base_ms - ms))
     shutil.rmtree(workdir / "probe", ignore_errors=True)
     log(f"proposals: measured {len(effects)} single-group effects (accuracy with BN recalibration only, "
