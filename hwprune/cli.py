@@ -59,7 +59,8 @@ def cmd_search(args) -> int:
                        sampler=args.sampler, seed=args.seed, macs_objective=args.macs_objective,
                        progress=not args.no_progress, lut_path=args.lut, screen_margin=args.screen_margin,
                        allow_changed_config=args.allow_changed_config, heartbeat_s=args.heartbeat,
-                       grace_s=args.grace, allow_device_change=args.allow_device_change)
+                       grace_s=args.grace, allow_device_change=args.allow_device_change,
+                       warm_start=not args.no_warm_start, proposals=args.proposals)
     check_search_config(cfg)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles(args.profile or ["cpu"])
@@ -79,6 +80,9 @@ def cmd_search(args) -> int:
         study = open_study(cfg, objective_names(workload, profiles, cfg.macs_objective), load_only=True)
     tables = write_results(study, workload, out, export=not args.no_export and interrupted is None, log=_log)
     _print_summary(tables, out)
+    from hwprune.baselines import write_baseline_summary
+
+    write_baseline_summary(study, out, tables, log=print)
     if interrupted is not None:
         _log(f"resume: run the same command again (same --out, --storage and --study); it continues up to "
              f"--trials {args.trials}" + ("" if args.no_export else "; models were not exported"))
@@ -258,10 +262,8 @@ def cmd_prune(args) -> int:
 
 # --------------------------------------------------------------------------------------------------- export
 
-def cmd_export(args) -> int:
-    import optuna
-
-    from hwprune.results import export_trial, objective_columns, pareto_frame, trials_frame
+def _open_run(args):
+    """(run directory, its study, the workload rebuilt from the study's attributes) of ``--run``."""
     from hwprune.search import SearchConfig, open_study
     from hwprune.workload import build_workload
 
@@ -279,6 +281,14 @@ def cmd_export(args) -> int:
     workload = build_workload(a["model"], a["data"], space, weights=a.get("weights"), image_size=a.get("image_size"),
                               input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log,
                               trust_pickle=args.trust_pickle)
+    return run, study, workload
+
+
+def cmd_export(args) -> int:
+    from hwprune.results import export_trial, objective_columns, pareto_frame, trials_frame
+
+    run, study, workload = _open_run(args)
+    a = study.user_attrs
     df = trials_frame(study)
     if args.trial is not None:
         rows = df[df.trial == args.trial]
@@ -302,6 +312,49 @@ def cmd_export(args) -> int:
         dest = out / f"trial-{int(row.trial)}"
         export_trial(workload, run, row, dest)
         print(f"exported trial {int(row.trial)} to {dest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ baseline, finetune
+
+def cmd_baseline(args) -> int:
+    from hwprune.baselines import baselines_frame, meter_for_run, run_baselines, write_baseline_summary
+    from hwprune.results import write_results
+
+    if args.ratios and args.method == "random":
+        raise HwpruneError("--ratios does not apply to --method random; give --count N instead")
+    bad = [r for r in args.ratios or [] if not 0.0 < r < 1.0]
+    if bad:
+        raise HwpruneError(f"--ratios {bad[0]} must be in (0, 1): the fraction of channels removed")
+    run, study, workload = _open_run(args)
+    a = study.user_attrs
+    meter = meter_for_run(study, workload, run)
+    tables = write_results(study, workload, run, export=False, log=_log)
+    existing = set(baselines_frame(study, tables["trials"], run).get("baseline", []))
+    run_baselines(workload, meter, run, args.method, args.ratios, args.count, a.get("seed", 0),
+                  a.get("latency_budget_ms"), a.get("budget_profile"), existing, log=print)
+    write_baseline_summary(study, run, tables, log=print)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from hwprune.finetune import finetune_trials
+    from hwprune.results import objective_columns, pareto_frame, trials_frame
+
+    run, study, workload = _open_run(args)
+    df = trials_frame(study)
+    if args.trial is not None:
+        rows = df[(df.trial == args.trial) & (df.state == "complete")]
+        if rows.empty:
+            have = ", ".join(str(t) for t in df[df.state == "complete"].trial.tolist()[:20])
+            raise RunError(f"trial {args.trial} is not a completed, trained trial of {run}; completed: {have}")
+    else:
+        rows = pareto_frame(df, objective_columns(study))
+    table = finetune_trials(workload, run, df, rows, args.steps, args.distill, args.lr, seed=args.seed, log=_log)
+    print(table[["trial", "role", "accuracy_search", "accuracy_finetuned", "delta_vs_dense_pp"]
+                + [c for c in table.columns if c.startswith("speedup:")]].to_string(
+        index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {run / 'finetune.csv'} and models/trial-N/finetuned/ for trials {', '.join(map(str, table.trial))}")
     return 0
 
 
@@ -376,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-tolerance", type=float, default=0.05, help="relative error reported as a disagreement")
     s.add_argument("--allow-device-change", action="store_true",
                    help="resume or join a study measured on a device with another fingerprint")
+    s.add_argument("--no-warm-start", action="store_true",
+                   help="do not enqueue the uniform sweep and the global-magnitude plan as the first trials")
+    s.add_argument("--proposals", action="store_true",
+                   help="measure each group's accuracy drop and latency saved, enqueue greedy knapsack plans")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_search)
 
@@ -425,6 +482,31 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rounds", type=int, default=3, help="rounds, in rotating order (default 3)")
     v.add_argument("--tolerance", type=float, default=0.05, help="largest relative error accepted (default 0.05)")
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("baseline", help="evaluate uniform / global / random plans with the run's trial pipeline")
+    b.add_argument("--run", required=True, help="run directory of a search")
+    b.add_argument("--method", required=True, choices=["uniform", "global", "random"])
+    b.add_argument("--ratios", type=float, nargs="+",
+                   help="uniform: ratio of every group; global: fraction of all channels (default: the sweep)")
+    b.add_argument("--count", type=int, default=10, help="random: number of random plans")
+    b.add_argument("--storage")
+    b.add_argument("--study", default="hwprune")
+    b.add_argument("--trust-pickle", action="store_true", help="the run's --model is a pickled module you trust")
+    b.set_defaults(func=cmd_baseline)
+
+    f = sub.add_parser("finetune", help="longer fine-tune of chosen trials, the dense trial alike")
+    f.add_argument("--run", required=True, help="run directory of a search")
+    fg = f.add_mutually_exclusive_group(required=True)
+    fg.add_argument("--trial", type=int)
+    fg.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
+    f.add_argument("--steps", type=int, required=True, help="extra fine-tuning steps for each model and dense")
+    f.add_argument("--distill", action="store_true", help="distil from the dense model")
+    f.add_argument("--lr", type=float, help="learning rate (default: the search space's recovery lr)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--storage")
+    f.add_argument("--study", default="hwprune")
+    f.add_argument("--trust-pickle", action="store_true", help="the run's --model is a pickled module you trust")
+    f.set_defaults(func=cmd_finetune)
 
     t = sub.add_parser("structures", help="the sparse-structure catalog and which structures speed up each profile")
     t.add_argument("--profile", action="append")

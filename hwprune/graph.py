@@ -176,3 +176,32 @@ def channel_counts(model: nn.Module) -> Dict[str, int]:
         elif isinstance(m, nn.Linear):
             out[n] = m.out_features
     return out
+
+
+def global_ratios(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratio: float,
+    groups: Sequence[str],
+    criterion: str = "l1",
+    round_to: Optional[int] = None,
+    ignored: Sequence[str] = (),
+    max_group_ratio: float = 0.9,
+) -> Dict[str, float]:
+    """torch-pruning's *global* pruning at ``ratio`` (channels ranked across all groups by normalised importance,
+    as a practitioner's one ``MetaPruner(global_pruning=True)`` call does), read back as the fraction each group
+    lost, so the result is an ordinary per-group plan."""
+    tp = _tp()
+    pruned = copy.deepcopy(model).eval()
+    table = dict(pruned.named_modules())
+    before = {g: int(getattr(table[g], "out_channels", getattr(table[g], "out_features", 0))) for g in groups}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            pruned, example_input, importance=_importance(criterion), global_pruning=True, pruning_ratio=ratio,
+            max_pruning_ratio=max_group_ratio, ignored_layers=_modules_by_name(pruned, ignored), round_to=round_to,
+            root_module_types=list(ROOT_TYPES),
+        )
+        pruner.step()
+    after = channel_counts(pruned)
+    return {g: (1.0 - after[g] / n if n else 0.0) for g, n in before.items()}

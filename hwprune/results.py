@@ -90,7 +90,8 @@ def pareto_frame(df: pd.DataFrame, objectives: Sequence[str]) -> pd.DataFrame:
 
 
 def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], path: Path,
-                budget_ms: Optional[float] = None, budget_profile: Optional[str] = None) -> Path:
+                budget_ms: Optional[float] = None, budget_profile: Optional[str] = None,
+                baselines: Optional[pd.DataFrame] = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +114,13 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]
     dense = done[done.role == "dense"]
     if not dense.empty:
         ax.scatter(dense[x], dense[y], marker="*", s=220, c="#e80", edgecolors="k", zorder=5, label="dense")
+    if baselines is not None and not baselines.empty and x in baselines.columns:
+        marks = {"uniform": ("s", "#e80"), "global": ("D", "#4a4"), "random": ("^", "#a4a")}
+        for method, (marker, color) in marks.items():
+            b = baselines[(baselines.method == method) & (baselines.state == "complete")]
+            if not b.empty:
+                ax.scatter(b[x], b[y], marker=marker, facecolors="none", edgecolors=color, s=60, zorder=4,
+                           label=f"{method} baseline")
     if budget_ms is not None:
         ax.axvline(budget_ms, ls="--", c="#c44", label=f"budget {budget_ms:g} ms")
     ax.set_xlabel(f"latency (ms, median) on {x[len(LAT_PREFIX):]}")

@@ -52,6 +52,8 @@ class SearchConfig:
     heartbeat_s: int = shared.HEARTBEAT_S  # a running trial beats this often (RDB: Optuna's heartbeat)
     grace_s: int = shared.GRACE_S  # a running trial silent this long belongs to a dead worker: failed, run again
     allow_device_change: bool = False  # resume / join a study measured on a device with another fingerprint
+    warm_start: bool = True  # enqueue the uniform sweep and the global-magnitude plan as the first trials
+    proposals: bool = False  # enqueue greedy plans from measured per-group sensitivity and latency saved
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -258,6 +260,12 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
     from hwprune.costs import count_macs
 
     dense_macs = count_macs(workload.model, workload.example_input)
+    if cfg.proposals:
+        from hwprune.proposals import enqueue_proposals
+
+        used = 1 + len(study.user_attrs.get("warm_start") or [])
+        enqueue_proposals(study, workload, meter, cfg.budget_profile or profiles[0].name, out, cfg.trials - used,
+                          cfg.seed, log)
 
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
@@ -349,7 +357,12 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
         study.set_user_attr("seed", cfg.seed)
         study.set_user_attr("reference_ms", meter.reference_ms)
         study.set_user_attr("reference", {k: v.to_dict() for k, v in meter.reference_stats.items()})
+        _name_metrics(study, names)
     ensure_dense_trial(study, workload)
+    if cfg.warm_start:  # under the setup lock, like the dense trial: queued exactly once per study
+        from hwprune.baselines import enqueue_warm_start
+
+        enqueue_warm_start(study, workload, cfg.trials - 1, log)
 
 
 def ensure_dense_trial(study: optuna.Study, workload: Workload) -> None:
@@ -437,6 +450,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, log: Callable[[str], None], 
     if frozen.state != wanted and frozen.state == optuna.trial.TrialState.FAIL and "reason" not in frozen.user_attrs:
         log(f"trial {trial.number} was failed by another worker (no heartbeat within --grace); its retry runs it")
     return frozen
+
+
+def _name_metrics(study: optuna.Study, names: Sequence[str]) -> None:
+    """Objective names in the study itself, so optuna-dashboard labels its axes."""
+    with warnings.catch_warnings():  # experimental in Optuna 3.x-5.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(names))
 
 
 def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, study: optuna.Study,

@@ -1,0 +1,273 @@
+"""What a practitioner gets by hand, measured in every run: uniform, global-magnitude and random pruning plans.
+
+Baselines go through the same trial pipeline (``run_trial``: same latency meter and dense reference, same recovery
+budget, same validation split) as the search's candidates. By default a search enqueues the uniform sweep and one
+global-magnitude plan as its first trials (warm start, tagged with the user attribute ``baseline``), so they cost
+no extra trials and the sampler starts from known-good plans. ``hwprune baseline`` adds more (other ratios, the
+exact un-snapped global plans, random plans) under ``RUN/baselines/``. Every run then writes ``baselines.csv``,
+``hypervolume.csv``/``.png`` and ``summary.json``: the front's hypervolume relative to each baseline's, and says
+plainly when the search did not beat one.
+"""
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import optuna
+import pandas as pd
+
+from hwprune import graph
+from hwprune.errors import ConfigError
+from hwprune.hypervolume import DEFAULT_MAX_DROP, Reference, best_speedup_within, hypervolume, hypervolume_history
+from hwprune.search import PARAM_PREFIX
+from hwprune.workload import Workload
+
+METHODS = ("uniform", "global", "random")
+SWEEP_RANGE = (0.25, 0.75)  # the uniform sweep: the space's grid ratios within this range
+GLOBAL_WARM_RATIO = 0.5
+
+WITHIN_PP = (0.5, 1.0, 2.0)  # accuracy drops (pp) at which the best speedups are reported
+
+
+def sweep_ratios(grid: Sequence[float], low: float = SWEEP_RANGE[0], high: float = SWEEP_RANGE[1]) -> List[float]:
+    """The uniform sweep: every nonzero grid ratio in [low, high] (the largest grid ratio if none is)."""
+    picked = sorted(r for r in grid if r > 0 and low - 1e-9 <= r <= high + 1e-9)
+    return picked or [max(grid)]
+
+
+def _snap(value: float, grid: Sequence[float]) -> float:
+    return min(grid, key=lambda r: abs(r - value))
+
+
+def global_plan_ratios(workload: Workload, ratio: float) -> Dict[str, float]:
+    """Per-group ratios of torch-pruning's global magnitude pruning at ``ratio`` of all prunable channels."""
+    return graph.global_ratios(workload.model, workload.example_input, ratio, [g.name for g in workload.groups],
+                               "l1" if workload.space.importance == "taylor" else workload.space.importance,
+                               workload.space.round_to, workload.ignored,
+                               max_group_ratio=max(workload.space.ratios))
+
+
+def baseline_plans(workload: Workload, method: str, ratios: Optional[Sequence[float]] = None, count: int = 10,
+                   seed: int = 0, snap: bool = False) -> List[Tuple[str, Dict[str, float]]]:
+    """(tag, per-group ratios) of a baseline method. ``snap`` puts global ratios on the space's grid (needed for
+    enqueued trials, whose parameters are categorical)."""
+    grid = list(workload.space.ratios)
+    if method == "uniform":
+        return [(f"uniform@{r:g}", {g.name: float(r) for g in workload.groups}) for r in ratios or sweep_ratios(grid)]
+    if method == "global":
+        out = []
+        for r in ratios or [0.25, GLOBAL_WARM_RATIO, 0.75]:
+            per_group = global_plan_ratios(workload, r)
+            if snap:
+                per_group = {k: _snap(v, grid) for k, v in per_group.items()}
+            out.append((f"global@{r:g}", per_group))
+        return out
+    if method == "random":
+        rng = random.Random(seed + 7919)  # a stream of its own, not the sampler's
+        return [(f"random#{k}", {g.name: rng.choice(grid) for g in workload.groups}) for k in range(count)]
+    raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+# ------------------------------------------------------------------------------------------------- warm start
+
+def enqueue_warm_start(study: optuna.Study, workload: Workload, max_trials: int,
+                       log: Callable[[str], None] = print) -> List[str]:
+    """Enqueue the uniform sweep and the global-magnitude plan (snapped to the grid) once per study, tagged with
+    user attribute ``baseline``; at most ``max_trials`` of them. Returns the tags enqueued."""
+    if study.user_attrs.get("warm_start") is not None:
+        return []
+    plans = baseline_plans(workload, "uniform") + baseline_plans(workload, "global", [GLOBAL_WARM_RATIO], snap=True)
+    seen, tags = set(), []
+    for tag, ratios in plans[:max(0, max_trials)]:
+        key = tuple(sorted(ratios.items()))
+        if key in seen:  # the snapped global plan can equal a uniform one
+            continue
+        seen.add(key)
+        study.enqueue_trial({PARAM_PREFIX + k: v for k, v in ratios.items()}, user_attrs={"baseline": tag})
+        tags.append(tag)
+    study.set_user_attr("warm_start", tags)
+    if tags:
+        log(f"warm start: {', '.join(tags)} enqueued as the first trials after dense")
+    return tags
+
+
+# ---------------------------------------------------------------------------------------- hwprune baseline
+
+def meter_for_run(study: optuna.Study, workload: Workload, run_dir: Path):
+    """A latency meter on the run's profiles that scales by the study's own dense reference, like its trials."""
+    from hwprune.config import load_profiles
+    from hwprune.trial import LatencyMeter
+
+    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.input_shape, run_dir)
+    stored = study.user_attrs.get("reference_ms", {})
+    meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
+    return meter
+
+
+def run_baselines(workload: Workload, meter, run_dir: Path, method: str, ratios: Optional[Sequence[float]] = None,
+                  count: int = 10, seed: int = 0, budget_ms: Optional[float] = None,
+                  budget_profile: Optional[str] = None, existing: Sequence[str] = (),
+                  log: Callable[[str], None] = print) -> List[dict]:
+    """Evaluate a baseline method's plans with the search's trial pipeline into ``RUN/baselines/TAG/``. Tags in
+    ``existing`` (already recorded as warm-start trials or earlier baseline runs) are not evaluated again."""
+    from hwprune.trial import run_trial
+
+    rows = []
+    for tag, ratios_ in baseline_plans(workload, method, ratios, count, seed):
+        if tag in existing:
+            log(f"{tag}: already recorded in this run; not evaluated again")
+            continue
+        workdir = Path(run_dir) / "baselines" / tag
+        outcome, _ = run_trial(workload, workload.plan(ratios_), meter, workdir, budget_ms, budget_profile, seed=seed)
+        for onnx in workdir.glob("*.onnx"):
+            onnx.unlink()
+        metrics = {**outcome.metrics(), "baseline": tag, "method": method}
+        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        acc = f"accuracy {outcome.accuracy:.4f}" if outcome.accuracy is not None else outcome.reason or "not trained"
+        lats = "  ".join(f"{k} {v.median_ms:.3f} ms" for k, v in outcome.latency.items())
+        log(f"{tag}: {acc}  {lats}")
+        rows.append(metrics)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- tables and summary
+
+def baselines_frame(study: optuna.Study, trials: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """Every baseline of the run: warm-start trials of the study and ``hwprune baseline`` results."""
+    tags = {t.number: t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs}
+    rows = []
+    if tags and not trials.empty:
+        for _, r in trials[trials.trial.isin(list(tags))].iterrows():
+            tag = tags[int(r.trial)]
+            rows.append({"baseline": tag, "method": tag.split("@")[0].split("#")[0], "source": "warm-start trial",
+                         **{k: v for k, v in r.items() if k not in ("role",)}})
+    for path in sorted(Path(run_dir).glob("baselines/*/metrics.json")):
+        m = json.loads(path.read_text())
+        state = "complete" if m.get("feasible", True) else "infeasible"
+        rows.append({"baseline": m["baseline"], "method": m["method"], "source": "hwprune baseline", "trial": None,
+                     "state": state, "plan_summary": m.get("plan", ""),
+                     **{k: v for k, v in m.items() if k not in ("baseline", "method", "plan")}})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["trial"] = frame["trial"].astype("Int64")  # empty for hwprune baseline rows
+    return frame
+
+
+def _points(frame: pd.DataFrame, col: str) -> List[Tuple[float, float]]:
+    if frame.empty or col not in frame.columns:
+        return []
+    ok = frame[(frame.state == "complete") & frame.accuracy.notna() & frame[col].notna()]
+    if "feasible" in ok.columns:
+        ok = ok[ok.feasible.astype(bool)]
+    return list(zip(ok[col].astype(float), ok.accuracy.astype(float)))
+
+
+def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
+            max_drop: float = DEFAULT_MAX_DROP) -> Dict[str, object]:
+    """The front's hypervolume against each baseline method's, on ``profile``; pure function of the tables."""
+    col = f"latency_ms:{profile}"
+    dense = trials[(trials.role == "dense") & (trials.state == "complete")]
+    if dense.empty or pd.isna(dense.iloc[0].accuracy):
+        return {"note": "no completed dense trial with accuracy: no hypervolume"}
+    d = dense.iloc[0]
+    ref = Reference(float(d[col]), float(d.accuracy), max_drop)
+    tagged = set(baselines.trial.dropna().astype(int)) if "trial" in baselines.columns and not baselines.empty else set()
+    search_pts = _points(trials, col)
+    own = trials[~trials.trial.isin(tagged)]
+    hv_front = hypervolume(search_pts, ref)
+    summary: Dict[str, object] = {
+        "profile": profile, "reference_point": ref.to_dict(), "reference": ref.describe(),
+        "hypervolume": {"search": hv_front, "search_without_warm_start": hypervolume(_points(own, col), ref)},
+        "best_speedup_within_pp": {"search": {f"{p:g}": best_speedup_within(search_pts, ref, p / 100)
+                                              for p in WITHIN_PP}},
+        "relative": {}, "verdict": [],
+    }
+    for method in METHODS:
+        sub = baselines[baselines.method == method] if not baselines.empty else baselines
+        pts = _points(sub, col)
+        if not pts:
+            continue
+        hv = hypervolume(pts, ref)
+        summary["hypervolume"][method] = hv
+        summary["best_speedup_within_pp"][method] = {f"{p:g}": best_speedup_within(pts, ref, p / 100)
+                                                     for p in WITHIN_PP}
+        rel = hv_front / hv if hv > 0 else None
+        summary["relative"][method] = rel
+        if rel is None:
+            line = f"{method}: its plans have no area inside the reference box; the search's is {hv_front:.4g}"
+        elif rel > 1.0 + 1e-9:
+            line = f"the search beat {method}: front hypervolume {rel:.3f}x {method}'s ({hv_front:.4g} vs {hv:.4g})"
+        else:
+            line = (f"the search did NOT beat {method}: front hypervolume {rel:.3f}x {method}'s "
+                    f"({hv_front:.4g} vs {hv:.4g})")
+        summary["verdict"].append(line)
+    return summary
+
+
+def write_baseline_summary(study: optuna.Study, run_dir: Path, tables: Dict[str, pd.DataFrame],
+                           log: Callable[[str], None] = print, max_drop: float = DEFAULT_MAX_DROP) -> Dict[str, object]:
+    """baselines.csv, hypervolume.csv/.png, summary.json and pareto.png with the baselines drawn; prints the
+    verdict. Runs without data (no accuracy) get no hypervolume."""
+    from hwprune.results import objective_columns, plot_pareto
+
+    run_dir = Path(run_dir)
+    trials, front = tables["trials"], tables["pareto"]
+    base = baselines_frame(study, trials, run_dir)
+    base.to_csv(run_dir / "baselines.csv", index=False)
+    objectives = objective_columns(study)
+    if objectives[:1] != ["accuracy"] or trials.empty:
+        return {}
+    profile = study.user_attrs.get("budget_profile") or objectives[1].split(":", 1)[1]
+    summary = compare(trials, base, profile, max_drop)
+    if "reference_point" not in summary:
+        log(summary.get("note", ""))
+        return summary
+    ref = Reference(summary["reference_point"]["latency_ms"], summary["reference_point"]["dense_accuracy"], max_drop)
+    col = f"latency_ms:{profile}"
+    ok = trials[(trials.state == "complete") & trials.accuracy.notna()]
+    ok = ok[ok.feasible.astype(bool)]
+    history = pd.DataFrame(hypervolume_history(list(zip(ok.trial, ok[col], ok.accuracy)), ref),
+                           columns=["trial", "hypervolume"])
+    final = float(history.hypervolume.iloc[-1]) if not history.empty else 0.0
+    history["fraction_of_final"] = history.hypervolume / final if final > 0 else 0.0
+    history.to_csv(run_dir / "hypervolume.csv", index=False)
+    within5 = history[history.fraction_of_final >= 0.95]
+    summary["trial_within_5pct_of_final_hypervolume"] = int(within5.trial.iloc[0]) if not within5.empty else None
+    summary["trials"] = int(len(trials))
+    _plot_history(history, summary, run_dir / "hypervolume.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plot_pareto(trials, front, objectives, run_dir / "pareto.png", study.user_attrs.get("latency_budget_ms"),
+                    profile, baselines=base)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    log(summary["reference"])
+    hv = summary["hypervolume"]
+    log(f"front hypervolume {hv['search']:.4g} (without the warm-start trials {hv['search_without_warm_start']:.4g})")
+    for line in summary["verdict"]:
+        log(line)
+    return summary
+
+
+def _plot_history(history: pd.DataFrame, summary: Dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.step(history.trial, history.hypervolume, where="post", c="#16a", label="search front")
+    colors = {"uniform": "#e80", "global": "#4a4", "random": "#a4a"}
+    for method in METHODS:
+        if method in summary["hypervolume"]:
+            ax.axhline(summary["hypervolume"][method], ls="--", c=colors[method], label=f"{method} baseline")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume (relative latency x accuracy)")
+    ax.set_title(summary["reference"].split(";")[0], fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""The long finish of chosen models: more fine-tuning steps for trials of a run, the dense trial given exactly the
+same steps so that the reported accuracy delta stays fair (extra training is never mistaken for pruning quality).
+
+Each model starts from its trial's recovered weights (the search's recovery budget), trains ``steps`` more steps
+with the search space's optimiser settings (optionally distilled from the dense model), and is written to
+``RUN/models/trial-N/finetuned/`` (ONNX, PyTorch, metrics.json); ``RUN/finetune.csv`` lists every result.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pandas as pd
+
+from hwprune.errors import RunError
+from hwprune.export import save_torch, to_onnx
+from hwprune.plan import PruningPlan
+from hwprune.recover import evaluate, train
+from hwprune.results import rebuild_model
+from hwprune.workload import Workload
+
+
+def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Optional[float] = None, seed: int = 0):
+    """``steps`` more fine-tuning steps with the space's recovery settings; KD from the dense model if ``distill``."""
+    r = workload.space.recovery
+    return train(model, workload.data, steps=steps, lr=lr if lr is not None else r.lr, batch_size=r.batch_size,
+                 optimizer=r.optimizer, weight_decay=r.weight_decay, teacher=workload.model if distill else None,
+                 temperature=r.distill_temperature, alpha=r.distill_alpha, seed=seed)
+
+
+def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, rows: pd.DataFrame, steps: int,
+                    distill: bool = False, lr: Optional[float] = None, seed: int = 0,
+                    log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Fine-tune the trials in ``rows`` and the dense trial of ``trials`` alike; write models and finetune.csv."""
+    if workload.data is None:
+        raise RunError("finetune needs the run's data; this run was latency-only (--data none)")
+    if steps <= 0:
+        raise RunError(f"--steps {steps} must be a positive number of fine-tuning steps")
+    run_dir = Path(run_dir)
+    dense = trials[(trials.role == "dense") & (trials.state == "complete")]
+    if dense.empty:
+        raise RunError(f"{run_dir} has no completed dense trial to fine-tune alike; the comparison needs it")
+    chosen = pd.concat([dense.head(1), rows[rows.trial != dense.iloc[0].trial]])
+    lat_cols = [c for c in trials.columns if c.startswith(("latency_ms:", "speedup:"))]
+    results: List[Dict[str, object]] = []
+    for _, row in chosen.iterrows():
+        trial = int(row.trial)
+        weights = run_dir / "trials" / f"trial-{trial}" / "state_dict.pt"
+        if not weights.is_file():
+            raise RunError(f"trial {trial} of {run_dir} has no recovered weights ({weights}); it was not trained")
+        model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), weights)
+        before = evaluate(model, workload.data)
+        model = finetune_model(workload, model, steps, distill, lr, seed)
+        after = evaluate(model, workload.data)
+        out = run_dir / "models" / f"trial-{trial}" / "finetuned"
+        out.mkdir(parents=True, exist_ok=True)
+        to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+        save_torch(model, out / "model.pt")
+        res = {"trial": trial, "role": row.role, "plan_summary": row.plan_summary, "steps": steps,
+               "distill": bool(distill), "accuracy_search": float(row.accuracy), "accuracy_before": before,
+               "accuracy_finetuned": after, **{c: row[c] for c in lat_cols if pd.notna(row[c])}}
+        results.append(res)
+        log(f"trial {trial}: accuracy {before:.4f} -> {after:.4f} after {steps} more steps"
+            + (" (distilled)" if distill else ""))
+    table = pd.DataFrame(results)
+    dense_after = float(table.iloc[0].accuracy_finetuned)
+    table["delta_vs_dense_pp"] = 100 * (table.accuracy_finetuned - dense_after)
+    for _, res in table.iterrows():
+        path = run_dir / "models" / f"trial-{int(res.trial)}" / "finetuned" / "metrics.json"
+        path.write_text(json.dumps({**{k: (v.item() if hasattr(v, "item") else v) for k, v in res.items()},
+                                    "dense_accuracy_finetuned": dense_after}, indent=2, sort_keys=True))
+    previous = run_dir / "finetune.csv"
+    if previous.is_file():  # keep results of other trials fine-tuned earlier
+        old = pd.read_csv(previous)
+        table_all = pd.concat([old[~old.trial.isin(table.trial)], table]) if not old.empty else table
+    else:
+        table_all = table
+    table_all.to_csv(previous, index=False)
+    return table

@@ -1,0 +1,64 @@
+"""Hypervolume of accuracy-latency fronts, computed with Optuna's own exact hypervolume code.
+
+Fronts are compared in a normalised plane that does not depend on the machine's absolute speed: x = latency
+relative to the dense model on one profile (minimised), y = validation accuracy (maximised). The reference point
+is (x = 1.0: as slow as dense, y = dense accuracy - ``max_drop``): a point only counts where it is faster than
+dense and loses less than ``max_drop`` of accuracy, which is the region a practitioner would deploy from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+from optuna._hypervolume import compute_hypervolume  # Optuna's exact (WFG / 2-D sweep) implementation
+
+DEFAULT_MAX_DROP = 0.05  # accuracy (fraction) below dense at the reference point: 5 percentage points
+
+
+@dataclass(frozen=True)
+class Reference:
+    dense_ms: float
+    dense_accuracy: float
+    max_drop: float = DEFAULT_MAX_DROP
+
+    @property
+    def accuracy_floor(self) -> float:
+        return self.dense_accuracy - self.max_drop
+
+    def describe(self) -> str:
+        return (f"reference point: latency = dense ({self.dense_ms:.4g} ms, relative 1.0), accuracy = dense - "
+                f"{100 * self.max_drop:g} pp ({self.accuracy_floor:.4f}); area in (relative latency x accuracy)")
+
+    def to_dict(self) -> Dict[str, float]:
+        return {"latency_relative": 1.0, "latency_ms": self.dense_ms, "accuracy": self.accuracy_floor,
+                "dense_accuracy": self.dense_accuracy, "max_accuracy_drop": self.max_drop}
+
+
+def hypervolume(points: Iterable[Tuple[float, float]], ref: Reference) -> float:
+    """Area dominated by ``(latency_ms, accuracy)`` points and bounded by the reference point. Points outside the
+    reference box (slower than dense, or below the accuracy floor) add nothing."""
+    losses = [(ms / ref.dense_ms, -acc) for ms, acc in points
+              if ms is not None and acc is not None and np.isfinite(ms) and np.isfinite(acc)
+              and ms < ref.dense_ms and acc > ref.accuracy_floor]
+    if not losses:
+        return 0.0
+    return float(compute_hypervolume(np.asarray(losses, dtype=float), np.array([1.0, -ref.accuracy_floor])))
+
+
+def hypervolume_history(points: Sequence[Tuple[int, float, float]], ref: Reference) -> List[Tuple[int, float]]:
+    """(trial, hypervolume of every point up to and including that trial), in trial order."""
+    out, seen = [], []
+    for trial, ms, acc in sorted(points, key=lambda p: p[0]):
+        seen.append((ms, acc))
+        out.append((trial, hypervolume(seen, ref)))
+    return out
+
+
+def best_speedup_within(points: Iterable[Tuple[float, float]], ref: Reference, drop: float) -> float:
+    """The largest dense/candidate latency ratio among points within ``drop`` accuracy of dense (1.0 if none)."""
+    best = 1.0
+    for ms, acc in points:
+        if ms and acc is not None and np.isfinite(ms) and acc >= ref.dense_accuracy - drop - 1e-12:
+            best = max(best, ref.dense_ms / ms)
+    return best
