@@ -26,6 +26,7 @@ from hwprune.latency import (
 )
 from hwprune.plan import PruningPlan, apply_plan
 from hwprune.recover import evaluate, recover
+from hwprune.structures.delivered import delivered_reports
 from hwprune.workload import Workload
 
 
@@ -114,6 +115,8 @@ class TrialOutcome:
     reason: str = ""
     seconds: Dict[str, float] = field(default_factory=dict)
     structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
+    recovery: Optional[str] = None  # the recovery method that trained the delivered weights
+    recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
 
     @property
     def macs_effective(self) -> int:
@@ -137,6 +140,7 @@ class TrialOutcome:
             "macs_effective": self.macs_effective,
             "bytes_deployed": self.bytes_deployed,
             "plan": self.plan.summary(),
+            "recovery_method": self.recovery,
         }
         for name, lat in self.latency.items():
             raw = lat.raw
@@ -177,7 +181,7 @@ def run_trial(
     latency = meter.measure(model, workdir)
     t2 = time.perf_counter()
     outcome = TrialOutcome(plan, costs, latency, seconds={"prune": t1 - t0, "measure": t2 - t1},
-                           structures=[r.to_dict() for r in reports])
+                           structures=delivered_reports(model, [r.to_dict() for r in reports]))
     if budget_ms is not None:
         name = budget_profile or meter.profiles[0].name
         if latency[name].median_ms > budget_ms:
@@ -187,11 +191,16 @@ def run_trial(
                 return outcome, model
     if train and workload.data is not None:
         teacher = workload.model if workload.space.recovery.distill else None
-        model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed)
+        notes: List[str] = []
+        model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed,
+                        method=plan.recovery_method, log=notes.append)
+        outcome.recovery = plan.recovery_method or workload.space.recovery.method[0]
+        outcome.recovery_notes = notes
         outcome.accuracy = evaluate(model, workload.data)
+        outcome.structures = delivered_reports(model, outcome.structures)  # what recovery delivered, not the plan
         outcome.seconds["recover"] = time.perf_counter() - t2
         torch.save(model.state_dict(), workdir / "state_dict.pt")
     (workdir / "metrics.json").write_text(
-        json.dumps({**outcome.metrics(), "structures": outcome.structures}, indent=2, sort_keys=True, default=str)
+        json.dumps({**outcome.metrics(), "structures": outcome.structures, "recovery_notes": outcome.recovery_notes}, indent=2, sort_keys=True, default=str)
     )
     return outcome, model

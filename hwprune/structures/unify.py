@@ -162,6 +162,15 @@ class UnifyStructure(Structure):
             new.weight.copy_(unified_weight(module.weight.detach(), idx, unified, pruned))
         return new
 
+    def hold(self, module, new, emask, params, keep, spec):
+        """Pruned tiles stay zero; unified tiles stay tied (one |value| per tile, signs frozen) through training."""
+        from hwprune.structures.masks import attach
+
+        w = module.weight.detach()
+        idx, unified, pruned = self._split(w, keep, params)
+        tie = torch.where(unified[idx], idx, torch.full_like(idx, -1))
+        attach(new, ~pruned[idx], spec=spec, dense=w, tie=tie, sign=torch.sign(w))
+
     def report(self, module, new, emask, keep, ratio, params, in_shape):
         b = params["b"]
         rows, k = gemm_shape(module.weight)
