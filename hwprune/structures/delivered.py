@@ -60,8 +60,8 @@ def _tiles(w: torch.Tensor, b: int):
     a = w.detach().reshape(-1).abs().to(torch.float64)
     cnt = torch.bincount(i, minlength=n)
     nnz = torch.zeros(n, dtype=torch.int64).index_add_(0, i, (a != 0).to(torch.int64))
-    amax = torch.zeros(n, dtype=torch.float64).index_reduce_(0, i, a, "amax", include_self=False)
-    amin = torch.full((n,), float("inf"), dtype=torch.float64).index_reduce_(0, i, a, "amin", include_self=False)
+    amax = torch.zeros(n, dtype=torch.float64).scatter_reduce_(0, i, a, "amax", include_self=False)
+    amin = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce_(0, i, a, "amin", include_self=False)
     return cnt, nnz, amax, amin
 
 
