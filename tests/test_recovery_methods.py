@@ -157,3 +157,19 @@ def test_search_chooses_a_method_per_trial_only_when_several_are_listed():
     assert seen == {"finetune", "dpu", "admm"}
     t = study.ask()
     assert plan_from_trial(W(("iterative",)), t).recovery_method is None and "recovery.method" not in t.params
+
+
+def test_prune_command_takes_a_recovery_method(tmp_path, space_file, profile_file):
+    import json
+
+    from hwprune.cli import main
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    base = ["prune", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+            "--profile", str(profile_file), "--ratio", "0.5"]
+    assert main(base + ["--recovery-method", "sgdr", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()  # rejected before any work
+    assert main(base + ["--recovery-method", "iterative", "--out", str(tmp_path / "ok")]) == 0
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert metrics["recovery_method"] == "iterative" and "no mask-only layers" in metrics["recovery_notes"][0]

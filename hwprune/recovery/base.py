@@ -80,6 +80,9 @@ class RecoveryMethod:
                 out.append(layer)
             else:
                 skipped.setdefault(reason, []).append(name)
+        if not out and not skipped and self.name != "finetune" and log is not None:
+            log(f"recovery {self.name}: the plan has no mask-only layers (filter, channel, depth and strided are "
+                f"removed physically); its budget fine-tunes the model")
         for reason, names in skipped.items():
             msg = f"recovery {self.name}: {reason}; layers {', '.join(names)} are fine-tuned with their masks"
             (log or (lambda m: None))(msg)
