@@ -113,6 +113,12 @@ def main() -> None:
         record({"label": label, "method": method, "params": params, "accuracy": evaluate(m, data),
                 "zeros": delivered_zero_fraction(m, convs), "target_zeros": target,
                 "seconds": time.perf_counter() - t, "notes": notes})
+    write_table(out, {k: done[k] for k in sorted(done, key=_order)}, args, len(convs))
+
+
+def _order(label: str) -> int:
+    fixed = ["dense (no pruning, no training)", "dense + same budget (finetune)", "pruned, no recovery", *VARIANTS]
+    return fixed.index(label) if label in fixed else len(fixed)
 
 
 def write_table(out: Path, rows, args, n_layers: int) -> None:
