@@ -12,10 +12,11 @@ they travel with ``copy.deepcopy`` and are dropped by ``strip`` before export):
 and a plain attribute ``hw_spec`` = {structure, ratio, params, criterion} so a recovery method can recompute the
 structure's mask at another ratio (gradual and dynamic methods).
 
-Why projection and not ``torch.nn.utils.parametrize``: both keep the zeros exactly, but projection costs one
-in-place multiply per masked layer per step, while a parametrization recomputes ``weight * mask`` in every forward
-and backward; measured on the demo model (``scripts/bench_mask_hold.py``, figures in the README) the projection
-is the cheaper one. Straight-through masks (DPU) need a forward-time mask and use a parametrization of their own.
+Why projection and not ``torch.nn.utils.parametrize``: both keep the zeros exactly and, measured on the demo model
+(``scripts/bench_mask_hold.py``, README), cost the same within noise (under 2% of a step). Projection leaves the
+delivered weights as the parameters themselves (nothing to remove before export), works in any training loop
+through an optimizer step hook, and leaves parametrizations free for the methods that need a forward-time mask
+(DPU's straight-through mask, CDP's skeleton), which would otherwise stack on top of it.
 """
 from __future__ import annotations
 
