@@ -185,12 +185,9 @@ class UnifyStructure(Structure):
         dm = dense_macs(module, in_shape)
         n_free, n_uni = int(free.sum()), int(unified.sum())
         stored = n_uni + n_free
-        # one fp32 value + a sign bit per weight for unified tiles, fp32 values for free tiles, an int32 column
-        # index and a kind bit per stored tile, block-row pointers (= bytes_unified for full tiles)
-        deployed = (
-            n_uni * 4 + sum(math.ceil(int(c) / 8) for c in cnt[unified]) + int(cnt[free].sum()) * 4
-            + stored * 4 + math.ceil(stored / 8) + (nbr + 1) * 4
-        )
+        from hwprune.structures.delivered import unified_bytes
+
+        deployed = unified_bytes(cnt, unified, free, nbr)  # = bytes_unified for full tiles
         return LayerReport(
             structure=self.name, ratio=float(ratio), params=dict(params), groups=int(keep.numel()),
             groups_removed=int((~keep).sum()), weights=int(module.weight.numel()),
