@@ -237,11 +237,16 @@ def cmd_prune(args) -> int:
 
     if not 0.0 <= args.ratio < 1.0:
         raise HwpruneError(f"--ratio {args.ratio} must be in [0, 1): the fraction of each group's channels removed")
+    if args.recovery_method:
+        from hwprune.recovery import get_method
+
+        get_method(args.recovery_method)  # a typo fails here, before any work
     out = Path(args.out)
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=out).for_profiles(profiles)
     meter = LatencyMeter(profiles, workload.model, workload.input_shape, out, cache=False)
     plan = workload.uniform_plan(args.ratio)
+    plan.recovery_method = args.recovery_method
     try:
         outcome, model = run_trial(workload, plan, meter, out, train=not args.no_recover, seed=args.seed)
     finally:
@@ -458,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of every group's channels removed")
     q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
     q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
+    q.add_argument("--recovery-method", help="how the recovery budget is spent: finetune, iterative, dpu, admm, "
+                   "cdp_dtc (default: the search space's recovery.method)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_prune)
 

@@ -37,6 +37,9 @@ class RecoveryBudget:
     distill: bool = False
     distill_temperature: float = 4.0
     distill_alpha: float = 0.7  # weight of the distillation term; 1 - alpha on the hard labels
+    # how the finetune_steps are spent (hwprune.recovery); several: the search chooses one per trial
+    method: Tuple[str, ...] = ("finetune",)
+    method_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> its hyperparameters
 
 
 @dataclass(frozen=True)
@@ -241,11 +244,40 @@ def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> Searc
     if "structures" in data:
         kw["structures"] = _parse_structures(data["structures"] or {}, source)
     if "recovery" in data:
-        rkw = _typed_section(f"{source}: recovery", data["recovery"], _RECOVERY_TYPES)
-        if "optimizer" in rkw:
-            _choice(f"{source}: recovery.optimizer", rkw["optimizer"], OPTIMIZERS)
-        kw["recovery"] = RecoveryBudget(**rkw)
+        kw["recovery"] = _parse_recovery(data["recovery"], source)
     return SearchSpace(**kw)
+
+
+def _parse_recovery(section: Any, source: str) -> RecoveryBudget:
+    """The recovery budget; ``method`` (a name or a list) and one optional section of hyperparameters per method."""
+    from hwprune.recovery import get_method, method_names
+
+    where = f"{source}: recovery"
+    section = dict(section or {}) if isinstance(section, dict) else section
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {section!r}")
+    methods = section.pop("method", "finetune")
+    per_method = {name: section.pop(name) for name in method_names() if name in section}
+    rkw = _typed_section(where, section, {**_RECOVERY_TYPES, "method": None, **{m: None for m in method_names()}})
+    if "optimizer" in rkw:
+        _choice(f"{where}.optimizer", rkw["optimizer"], OPTIMIZERS)
+    names = [methods] if isinstance(methods, str) else methods
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"{where}.method: expected a method name or a list of them from: {', '.join(method_names())}")
+    names = [_choice(f"{where}.method[{i}]", m, method_names()) for i, m in enumerate(names)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.method: {names} lists a method twice; list each method once")
+    params = {}
+    for name, sec in per_method.items():
+        method = get_method(name)
+        types = {k: v[:3] for k, v in method.param_types.items()}
+        if not types:
+            raise ConfigError(f"{where}.{name}: method {name!r} has no hyperparameters; remove the section")
+        params[name] = _typed_section(f"{where}.{name}", sec, types)
+        for k, valid in method.choices.items():
+            if k in params[name]:
+                _choice(f"{where}.{name}.{k}", params[name][k], valid)
+    return RecoveryBudget(method=tuple(names), method_params=params, **rkw)
 
 
 def _parse_structures(st: Any, source: str) -> StructureChoices:

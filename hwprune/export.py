@@ -34,8 +34,12 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
 def save_torch(model: nn.Module, path: Path) -> Path:
     """The whole pruned module (its shapes differ from the original class's defaults, so a state_dict alone is
     not enough); load with ``torch.load(path, weights_only=False)``."""
+    import copy
+
+    from hwprune.structures.masks import strip
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(model, tmp)
+        torch.save(strip(copy.deepcopy(model)), tmp)  # plain weights (the zeros are in them), no mask buffers
     return path

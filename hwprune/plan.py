@@ -23,6 +23,7 @@ class PruningPlan:
     structures: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # layer -> {structure, ratio, params}
     structure_importance: str = "l1"
     history: List[list] = field(default_factory=list)  # torch-pruning history, filled when the plan is applied
+    recovery_method: Optional[str] = None  # how the trial's recovery budget is spent (None: the space's first method)
     version: int = PLAN_VERSION
 
     @property

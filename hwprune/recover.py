@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hwprune.config import RecoveryBudget
 from hwprune.data import DataBundle
+from hwprune.structures.masks import hold
 
 
 @torch.no_grad()
@@ -67,8 +68,14 @@ def train(
     alpha: float = 0.7,
     seed: int = 0,
     on_step: Optional[Callable[[int], None]] = None,
+    extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+    before_step: Optional[Callable[[int], None]] = None,
 ) -> nn.Module:
-    """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE."""
+    """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE.
+
+    Masked layers hold their masks (projection after every step). Recovery methods plug in through
+    ``extra_loss()`` (a penalty added to the loss), ``before_step(step)`` (after backward, before the optimizer
+    step: gradient surgery) and ``on_step(step)`` (after the step and the projection: mask updates)."""
     if steps <= 0:
         return model
     torch.manual_seed(seed)
@@ -81,6 +88,15 @@ def train(
     if teacher is not None:
         teacher.eval()
     model.train()
+    with hold(opt, model):  # masked layers keep their zeros (and tied tiles) through every step
+        _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
+               before_step)
+    model.eval()
+    return model
+
+
+def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
+           before_step) -> None:
     for step, (x, y) in enumerate(itertools.islice(_batches(data, batch_size, seed), steps)):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -91,31 +107,34 @@ def train(
                 F.log_softmax(logits / temperature, 1), F.softmax(t_logits / temperature, 1), reduction="batchmean"
             ) * (temperature**2)
             loss = alpha * kd + (1 - alpha) * loss
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if before_step is not None:
+            before_step(step)
         opt.step()
         sched.step()
         if on_step is not None:
             on_step(step)
-    model.eval()
-    return model
+
+
+def train_budget(model: nn.Module, data: DataBundle, budget: RecoveryBudget, steps: int,
+                 teacher: Optional[nn.Module] = None, seed: int = 0, **hooks) -> nn.Module:
+    """``train`` with the budget's optimizer settings for ``steps`` of its steps (a recovery method's phase)."""
+    return train(model, data, steps=steps, lr=budget.lr, batch_size=budget.batch_size, optimizer=budget.optimizer,
+                 weight_decay=budget.weight_decay, teacher=teacher if budget.distill else None,
+                 temperature=budget.distill_temperature, alpha=budget.distill_alpha, seed=seed, **hooks)
 
 
 def recover(
-    model: nn.Module, data: DataBundle, budget: RecoveryBudget, teacher: Optional[nn.Module] = None, seed: int = 0
+    model: nn.Module, data: DataBundle, budget: RecoveryBudget, teacher: Optional[nn.Module] = None, seed: int = 0,
+    method: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
 ) -> nn.Module:
-    """The recovery every candidate gets: BN recalibration, then the fine-tuning budget (KD if configured)."""
+    """The recovery every candidate gets: BN recalibration, then the budget's ``finetune_steps`` spent by the
+    recovery method (``method`` or the budget's first; KD if configured). Masks hold throughout."""
+    from hwprune.recovery import get_method
+
     recalibrate_bn(model, data, budget.bn_recalibration_batches, budget.batch_size, seed)
-    return train(
-        model,
-        data,
-        steps=budget.finetune_steps,
-        lr=budget.lr,
-        batch_size=budget.batch_size,
-        optimizer=budget.optimizer,
-        weight_decay=budget.weight_decay,
-        teacher=teacher if budget.distill else None,
-        temperature=budget.distill_temperature,
-        alpha=budget.distill_alpha,
-        seed=seed,
-    )
+    name = method or budget.method[0]
+    return get_method(name).run(model, data, budget, teacher=teacher, seed=seed, log=log)

@@ -178,7 +178,7 @@ def write_sparse_weights(model: torch.nn.Module, reports: List[dict], path: Path
         if fmt == "dense" or w is None or w.layout != torch.strided:
             continue
         gemm = w.detach().reshape(w.shape[0], -1)
-        b = int(r.get("params", {}).get("block", 0) or 0)
+        b = int(r.get("params", {}).get("b", 0) or 0)  # block size of a `block` layer
         if fmt == "bsr" and b and gemm.shape[0] % b == 0 and gemm.shape[1] % b == 0:
             out[layer], formats[layer] = gemm.to_sparse_bsr((b, b)), "bsr"
         elif fmt in ("csr", "bsr"):

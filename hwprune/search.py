@@ -138,6 +138,9 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
             spec = suggest_layer(trial, layer, modules[layer], list(structures), list(workload.space.structures.ratios))
             if spec is not None and spec.get("ratio", 0) > 0:
                 plan.structures[layer] = spec
+    methods = workload.space.recovery.method
+    if len(methods) > 1:  # the space lists several recovery methods: one per trial, same step budget
+        plan.recovery_method = trial.suggest_categorical("recovery.method", list(methods))
     return plan
 
 

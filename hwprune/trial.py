@@ -29,6 +29,7 @@ from hwprune.latency import (
 )
 from hwprune.plan import PruningPlan, apply_plan
 from hwprune.recover import evaluate, recover
+from hwprune.structures.delivered import delivered_reports
 from hwprune.workload import Workload
 
 
@@ -176,6 +177,8 @@ class TrialOutcome:
     reason: str = ""
     seconds: Dict[str, float] = field(default_factory=dict)
     structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
+    recovery: Optional[str] = None  # the recovery method that trained the delivered weights
+    recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
 
     @property
     def macs_effective(self) -> int:
@@ -199,6 +202,7 @@ class TrialOutcome:
             "macs_effective": self.macs_effective,
             "bytes_deployed": self.bytes_deployed,
             "plan": self.plan.summary(),
+            "recovery_method": self.recovery,
         }
         for name, lat in self.latency.items():
             raw = lat.raw
@@ -239,7 +243,8 @@ def run_trial(
     write_text(workdir / "plan.json", plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
-    outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0}, structures=[r.to_dict() for r in reports])
+    outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0},
+                           structures=delivered_reports(model, [r.to_dict() for r in reports]))
     dense_macs = meter.dense_macs(workload.example_input)
     macs_cut = dense_macs / outcome.macs_effective if outcome.macs_effective > 0 and dense_macs else None
     latency = outcome.latency = meter.measure(model, workdir, macs_cut=macs_cut)
@@ -254,11 +259,16 @@ def run_trial(
                 return outcome, model
     if train and workload.data is not None:
         teacher = workload.model if workload.space.recovery.distill else None
-        model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed)
+        notes: List[str] = []
+        model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed,
+                        method=plan.recovery_method, log=notes.append)
+        outcome.recovery = plan.recovery_method or workload.space.recovery.method[0]
+        outcome.recovery_notes = notes
         outcome.accuracy = evaluate(model, workload.data)
+        outcome.structures = delivered_reports(model, outcome.structures)  # what recovery delivered, not the plan
         outcome.seconds["recover"] = time.perf_counter() - t2
         with atomic_path(workdir / "state_dict.pt") as tmp:
             torch.save(model.state_dict(), tmp)
-    metrics = {**outcome.metrics(), "structures": outcome.structures}
+    metrics = {**outcome.metrics(), "structures": outcome.structures, "recovery_notes": outcome.recovery_notes}
     write_text(workdir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
     return outcome, model

@@ -99,7 +99,7 @@ def run(tmp_path_factory):
     (root / "space.yaml").write_text(FAST_SPACE_YAML.replace("ratios: [0.0, 0.5]", "ratios: [0.0, 0.25, 0.5, 0.75]"))
     (root / "fast-cpu.yaml").write_text(FAST_PROFILE_YAML)
     torch.save(make_tiny_net(), root / "tiny.pt")
-    args = ["search", "--model", str(root / "tiny.pt"), "--data", "digits", "--search-space", str(root / "space.yaml"),
+    args = ["search", "--model", str(root / "tiny.pt"), "--trust-pickle", "--data", "digits", "--search-space", str(root / "space.yaml"),
             "--profile", str(root / "fast-cpu.yaml"), "--trials", "7", "--out", str(root / "run"), "--no-progress"]
     assert main(args) == 0
     return {"dir": root / "run", "args": args}
@@ -139,9 +139,9 @@ def test_warm_start_trials_run_first_and_are_recorded(run):
 @pytest.mark.slow
 def test_baseline_command_adds_rows_and_rejects_bad_ratios(run, capsys):
     d = run["dir"]
-    assert main(["baseline", "--run", str(d), "--method", "uniform", "--ratios", "0.5", "1.5"]) == 2
+    assert main(["baseline", "--run", str(d), "--trust-pickle", "--method", "uniform", "--ratios", "0.5", "1.5"]) == 2
     assert "--ratios 1.5" in capsys.readouterr().err
-    assert main(["baseline", "--run", str(d), "--method", "random", "--count", "2"]) == 0
+    assert main(["baseline", "--run", str(d), "--trust-pickle", "--method", "random", "--count", "2"]) == 0
     out = capsys.readouterr().out
     base = pd.read_csv(d / "baselines.csv")
     rnd = base[base.method == "random"]
@@ -157,7 +157,7 @@ def test_finetune_improves_a_pruned_model_on_digits(run, capsys):
     d = run["dir"]
     trials = pd.read_csv(d / "trials.csv")
     pruned = int(trials[trials.plan_summary.str.contains("=0.5")].trial.iloc[0])
-    assert main(["finetune", "--run", str(d), "--trial", str(pruned), "--steps", "120", "--lr", "0.05"]) == 0
+    assert main(["finetune", "--run", str(d), "--trust-pickle", "--trial", str(pruned), "--steps", "120", "--lr", "0.05"]) == 0
     table = pd.read_csv(d / "finetune.csv")
     row = table[table.trial == pruned].iloc[0]
     dense = table[table.role == "dense"].iloc[0]
@@ -172,7 +172,7 @@ def test_finetune_improves_a_pruned_model_on_digits(run, capsys):
     from hwprune.recover import evaluate
 
     assert evaluate(model, load_dataset("digits", seed=0)) == pytest.approx(row.accuracy_finetuned)
-    assert main(["finetune", "--run", str(d), "--trial", "999", "--steps", "5"]) == 2
+    assert main(["finetune", "--run", str(d), "--trust-pickle", "--trial", "999", "--steps", "5"]) == 2
 
 
 def test_greedy_proposals_take_latency_saved_per_accuracy_lost():

@@ -313,7 +313,8 @@ def test_search_plans_keep_channel_multiples_of_the_profile(tmp_path):
     (tmp_path / "space.yaml").write_text(FAST_SPACE_YAML.replace("round_to: 4", "round_to: 2"))
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    w = build_workload(str(model_path), "none", str(tmp_path / "space.yaml"), input_shape=(1, 8, 8), log=lambda m: None)
+    w = build_workload(str(model_path), "none", str(tmp_path / "space.yaml"), input_shape=(1, 8, 8), log=lambda m: None,
+                       trust_pickle=True)
     assert w.round_to == 2
     fp16 = DeviceProfile(name="fp16", backend="torch", channel_multiple=8)
     w8 = w.for_profiles([profile(), fp16])

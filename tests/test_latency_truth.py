@@ -197,7 +197,7 @@ def latency_run(tmp_path_factory):
     (root / "space.yaml").write_text(FAST_SPACE_YAML.replace("ratios: [0.0, 0.5]", "ratios: [0.0, 0.25, 0.5, 0.75]"))
     (root / "fast-cpu.yaml").write_text(FAST_PROFILE_YAML)
     torch.save(make_tiny_net(), root / "tiny.pt")
-    args = ["search", "--model", str(root / "tiny.pt"), "--data", "none", "--input-shape", "1,8,8",
+    args = ["search", "--model", str(root / "tiny.pt"), "--trust-pickle", "--data", "none", "--input-shape", "1,8,8",
             "--search-space", str(root / "space.yaml"), "--profile", str(root / "fast-cpu.yaml"), "--trials", "4",
             "--out", str(root / "run"), "--no-progress", "--verify-rounds", "1", "--verify-tolerance", "0.99"]
     assert main(args) == 0

@@ -192,6 +192,14 @@ def module_bias_numel(module: nn.Module) -> int:
     return int(b.numel()) if b is not None else 0
 
 
+class _Weight(nn.Module):
+    """Stands in for a module whose weight is ``weight`` (re-deriving masks from trained weights)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
 class Structure:
     """A sparse structure family. Subclasses define groups, scores, masks and the realized module."""
 
@@ -280,8 +288,41 @@ class Structure:
             keep = self.mask(sc, ratio)
         emask = self.element_mask(w, keep, p)
         new = self.realize(module, emask, p, keep)
+        if not self.physical:
+            self.hold(module, new, emask, p, keep, {"structure": self.name, "ratio": float(ratio), "params": dict(p),
+                                                    "criterion": criterion})
         rep = self.report(module, new, emask, keep, ratio, p, in_shape)
         return new, rep
+
+    def element_keep(self, weight: torch.Tensor, ratio: float, params: Dict[str, Any], criterion: str = "l1") -> torch.Tensor:
+        """The element keep-mask of this structure at ``ratio`` computed from ``weight`` (what gradual and dynamic
+        recovery methods recompute as the weights train)."""
+        p = self.check_params(params)
+        return self.element_mask(weight, self.mask(self.scores(weight.detach(), criterion, p), ratio), p)
+
+    def reattach(self, module: nn.Module, weight: torch.Tensor, spec: Dict[str, Any]) -> None:
+        """Re-derive the mask of an already masked ``module`` from ``weight`` at ``spec``'s ratio (exactly, by the
+        mask contract) and impose it; the remembered dense weights stay."""
+        from hwprune.structures.masks import DENSE
+
+        w = weight.detach().cpu()
+        p = self.check_params(spec["params"])
+        crit = spec.get("criterion", "l1")
+        crit = crit if crit in ("l1", "l2", "block_mean") else "l1"  # taylor/bn/pf need inputs a trained model lacks
+        keep = self.mask(self.scores(w, crit, p), spec["ratio"])
+        dense = module._buffers.get(DENSE)
+        self.hold(_Weight(w), module, self.element_mask(w, keep, p), p, keep, spec)
+        if dense is not None:
+            module._buffers[DENSE] = dense
+
+    def hold(self, module: nn.Module, new: nn.Module, emask: torch.Tensor, params: Dict[str, Any], keep: torch.Tensor,
+             spec: Dict[str, Any]) -> None:
+        """Make the realized module carry its mask through training (see ``masks``); dense-shaped weights only."""
+        from hwprune.structures.masks import attach
+
+        w = getattr(new, "weight", None)
+        if isinstance(w, torch.Tensor) and w.layout == torch.strided and tuple(w.shape) == tuple(emask.shape):
+            attach(new, emask, spec=spec, dense=module.weight.detach())
 
     def report(self, module, new, emask, keep, ratio, params, in_shape) -> LayerReport:
         """Default: dense-masked execution (counted dense), deployed as CSR when that is smaller than dense."""

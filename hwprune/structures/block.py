@@ -33,16 +33,17 @@ def block_index(weight: torch.Tensor, br: int, bc: int):
 class SparseLinear(DerivedSparseWeight):
     """A Linear whose zeros are skipped by a torch sparse format (``bsr`` with a block size, or ``csr``).
 
-    ``weight`` keeps the masked dense values (what ONNX export and state_dict use); the sparse copy is built at
-    construction and by ``refresh()`` (also after deepcopy, pickle and ``.to()``: see ``DerivedSparseWeight``).
-    Shapes not divisible by the block size are zero-padded.
+    ``weight`` keeps the masked dense values (what training, ONNX export and state_dict use); inference without
+    gradients runs the sparse copy, which is rebuilt whenever the weight changed since it was made (training steps,
+    ``load_state_dict``) and after deepcopy, pickle and ``.to()`` (see ``DerivedSparseWeight``). Shapes not
+    divisible by the block size are zero-padded.
     """
 
     def __init__(self, linear: nn.Linear, fmt: str = "bsr", blocksize: int = 4):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.fmt, self.blocksize = fmt, int(blocksize)
         self.refresh()
 
@@ -55,14 +56,20 @@ class SparseLinear(DerivedSparseWeight):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "BSR support is in beta state"
             self._sparse = wp.to_sparse_bsr((b, b)) if self.fmt == "bsr" else wp.to_sparse_csr()
+        self._synced = self.weight._version
 
     @property
     def stored_blocks(self) -> int:
+        if self.weight._version != self._synced:
+            self.refresh()
         return int(self._sparse.values().shape[0]) if self.fmt == "bsr" else int(self._sparse.values().numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or x.requires_grad:
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
+        if self.weight._version != self._synced:
+            self.refresh()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._pad_in:

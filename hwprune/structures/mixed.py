@@ -55,6 +55,36 @@ class MixedStructure(Structure):
 
         return all(get_structure(n).applies_to(module) for n in self.parts(params))
 
+    def element_keep(self, weight, ratio, params, criterion="l1"):
+        from hwprune.structures.registry import get_structure
+
+        p = self.check_params(params)
+        emask = torch.ones(weight.shape, dtype=torch.bool)
+        for name in self.parts(p):
+            st = get_structure(name)
+            emask &= st.element_keep(weight, ratio, self._part_params(p, name), criterion)
+        return emask
+
+    def reattach(self, module, weight, spec):
+        from hwprune.structures.masks import DENSE, attach
+
+        crit = spec.get("criterion", "l1")
+        emask = self.element_keep(weight.detach().cpu(), spec["ratio"], spec["params"],
+                                  crit if crit in ("l1", "l2", "block_mean") else "l1")
+        attach(module, emask, spec=spec, dense=module._buffers.get(DENSE))
+
+    def _hold(self, module, new, emask, gather, spec):
+        """The AND mask holds through training; on a gathered conv, the mask of the gathered (kept) rows."""
+        from hwprune.structures.masks import attach
+
+        if gather:  # the gathered layout of the mask: gather a conv whose weights are the mask itself
+            probe = masked_copy(module, emask)
+            with torch.no_grad():
+                probe.weight.copy_(emask.to(probe.weight.dtype))
+            attach(new, GatherConv2d(probe, kept_rows(emask)).weight.detach() != 0)  # no dense restart: shape differs
+        else:
+            attach(new, emask, spec=spec, dense=module.weight.detach())
+
     def apply(self, module, ratio, params=None, criterion="l1", grad=None, in_shape=None, bn=None, removed=None):
         from hwprune.structures.registry import get_structure
 
@@ -74,6 +104,8 @@ class MixedStructure(Structure):
         gather = "strided" in self.parts(p) and gather_supported(module)
         masked = masked_copy(module, emask)
         new = GatherConv2d(masked, kept_rows(emask)) if gather else masked
+        self._hold(module, new, emask, gather, {"structure": self.name, "ratio": float(ratio), "params": dict(p),
+                                                "criterion": criterion})
         dm = dense_macs(module, in_shape)
         pos = positions(module, in_shape)
         nb = module_bias_numel(module)

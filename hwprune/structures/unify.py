@@ -162,6 +162,15 @@ class UnifyStructure(Structure):
             new.weight.copy_(unified_weight(module.weight.detach(), idx, unified, pruned))
         return new
 
+    def hold(self, module, new, emask, params, keep, spec):
+        """Pruned tiles stay zero; unified tiles stay tied (one |value| per tile, signs frozen) through training."""
+        from hwprune.structures.masks import attach
+
+        w = module.weight.detach()
+        idx, unified, pruned = self._split(w, keep, params)
+        tie = torch.where(unified[idx], idx, torch.full_like(idx, -1))
+        attach(new, ~pruned[idx], spec=spec, dense=w, tie=tie, sign=torch.sign(w))
+
     def report(self, module, new, emask, keep, ratio, params, in_shape):
         b = params["b"]
         rows, k = gemm_shape(module.weight)
@@ -176,12 +185,9 @@ class UnifyStructure(Structure):
         dm = dense_macs(module, in_shape)
         n_free, n_uni = int(free.sum()), int(unified.sum())
         stored = n_uni + n_free
-        # one fp32 value + a sign bit per weight for unified tiles, fp32 values for free tiles, an int32 column
-        # index and a kind bit per stored tile, block-row pointers (= bytes_unified for full tiles)
-        deployed = (
-            n_uni * 4 + sum(math.ceil(int(c) / 8) for c in cnt[unified]) + int(cnt[free].sum()) * 4
-            + stored * 4 + math.ceil(stored / 8) + (nbr + 1) * 4
-        )
+        from hwprune.structures.delivered import unified_bytes
+
+        deployed = unified_bytes(cnt, unified, free, nbr)  # = bytes_unified for full tiles
         return LayerReport(
             structure=self.name, ratio=float(ratio), params=dict(params), groups=int(keep.numel()),
             groups_removed=int((~keep).sum()), weights=int(module.weight.numel()),
