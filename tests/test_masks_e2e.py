@@ -43,7 +43,7 @@ def masked_run(tmp_path_factory):
     (root / "space.yaml").write_text(SPACE.format(allowed=", ".join(MASK_STRUCTURES)))
     (root / "fast-cpu.yaml").write_text(FAST_PROFILE_YAML)
     torch.save(make_tiny_net(), root / "tiny.pt")
-    args = ["search", "--model", str(root / "tiny.pt"), "--data", "digits", "--search-space", str(root / "space.yaml"),
+    args = ["search", "--model", str(root / "tiny.pt"), "--trust-pickle", "--data", "digits", "--search-space", str(root / "space.yaml"),
             "--profile", str(root / "fast-cpu.yaml"), "--trials", "4", "--sampler", "random", "--no-export",
             "--out", str(root / "run"), "--no-progress"]
     assert main(args) == 0
@@ -118,7 +118,7 @@ def test_delivered_state_dicts_hold_the_planned_zeros(masked_run):
 
 def test_exported_onnx_and_torch_hold_the_planned_zeros(masked_run, tmp_path):
     for trial, plan in _trials(masked_run):
-        assert main(["export", "--run", str(masked_run / "run"), "--trial", str(trial), "--out", str(tmp_path)]) == 0
+        assert main(["export", "--run", str(masked_run / "run"), "--trust-pickle", "--trial", str(trial), "--out", str(tmp_path)]) == 0
         dest = tmp_path / f"trial-{trial}"
         model = onnx.load(str(dest / "model.onnx"))
         torch_model = torch.load(dest / "model.pt", weights_only=False)

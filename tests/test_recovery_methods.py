@@ -166,7 +166,7 @@ def test_prune_command_takes_a_recovery_method(tmp_path, space_file, profile_fil
 
     model_path = tmp_path / "tiny.pt"
     torch.save(make_tiny_net(), model_path)
-    base = ["prune", "--model", str(model_path), "--data", "digits", "--search-space", str(space_file),
+    base = ["prune", "--model", str(model_path), "--trust-pickle", "--data", "digits", "--search-space", str(space_file),
             "--profile", str(profile_file), "--ratio", "0.5"]
     assert main(base + ["--recovery-method", "sgdr", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()  # rejected before any work
