@@ -69,7 +69,7 @@ def test_block_structure_search_on_torch_cpu(tmp_path: Path):
     model_path = tmp_path / "tiny.pt"
     net = make_tiny_net()
     torch.save(net, model_path)
-    args = ["search", "--model", str(model_path), "--data", "digits", "--search-space", str(tmp_path / "space.yaml"),
+    args = ["search", "--model", str(model_path), "--trust-pickle", "--data", "digits", "--search-space", str(tmp_path / "space.yaml"),
             "--profile", str(tmp_path / "torch-fast.yaml"), "--trials", "4", "--out", str(tmp_path / "run"),
             "--no-progress", "--sampler", "random"]
     assert main(args) == 0

@@ -56,11 +56,23 @@ class SparseLinear(DerivedSparseWeight):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "BSR support is in beta state"
             self._sparse = wp.to_sparse_bsr((b, b)) if self.fmt == "bsr" else wp.to_sparse_csr()
-        self._synced = self.weight._version
+        self._synced = self._weight_version()
+
+    def _weight_version(self):
+        """The weight's in-place version counter; None for inference tensors (made under torch.inference_mode,
+        e.g. by a latency backend), which carry none and are not trained."""
+        try:
+            return self.weight._version
+        except RuntimeError:
+            return None
+
+    def _stale(self) -> bool:
+        version = self._weight_version()
+        return version is not None and version != self._synced
 
     @property
     def stored_blocks(self) -> int:
-        if self.weight._version != self._synced:
+        if self._stale():
             self.refresh()
         return int(self._sparse.values().shape[0]) if self.fmt == "bsr" else int(self._sparse.values().numel())
 
@@ -68,7 +80,7 @@ class SparseLinear(DerivedSparseWeight):
         if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
-        if self.weight._version != self._synced:
+        if self._stale():
             self.refresh()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
