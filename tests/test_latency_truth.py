@@ -38,6 +38,19 @@ def two_models(tmp_path_factory):
     return Path(big), Path(small)
 
 
+@pytest.fixture(scope="module")
+def conv_pair(tmp_path_factory):
+    """The demo CNN and a narrower copy (1x28x28 input): the pair in which issue 7's bug showed (2 threads: the
+    dense model timed 2.2x slower beside the candidate than alone)."""
+    from hwprune.models import DemoNet
+
+    d = tmp_path_factory.mktemp("conv")
+    torch.manual_seed(0)
+    big = to_onnx(DemoNet().eval(), (1, 1, 28, 28), d / "dense.onnx")
+    small = to_onnx(DemoNet(widths=(32, 64, 128)).eval(), (1, 1, 28, 28), d / "pruned.onnx")
+    return Path(big), Path(small)
+
+
 def _profile(threads: int = 0, **measure) -> DeviceProfile:
     data = {"backend": "onnxruntime", "options": {"threads": threads},
             "measure": {"warmup": 20, "min_repeats": 30, "max_repeats": 200, "target_rel_ci": 0.02,
@@ -62,24 +75,46 @@ def test_worker_round_trip_and_errors(two_models, tmp_path):
         ModelProcess(prof, str(bad), (1, 512))
 
 
-def test_reference_in_a_pair_runs_as_fast_as_alone(two_models):
-    """The bug of issue 7: beside a candidate in one process, the dense model ran ~2x slower than alone (two
-    spinning thread pools). In worker processes the reference's in-pair time must match its solo time. The bound
-    is loose (the machine is shared and noisy) but excludes the bug's 2x; one retry absorbs a burst of load."""
-    big, small = two_models
+def test_reference_in_a_pair_runs_as_fast_as_alone(conv_pair):
+    """The bug of issue 7: the dense model ran ~2.2x slower beside a candidate than alone (competing or still
+    spinning thread pools). In worker processes, the idle one frozen, the reference's in-pair time must match its
+    solo time. The bound is loose (a shared, noisy machine) but excludes the bug; one retry absorbs a burst."""
+    big, small = conv_pair
     prof = _profile(threads=0)
+    shape = (1, 1, 28, 28)
 
     def in_pair_over_solo() -> float:
-        solo = statistics.median(time_alone(prof, str(big), (1, 512)).median_ms for _ in range(3))
-        with ModelProcess(prof, str(big), (1, 512)) as ref, ModelProcess(prof, str(small), (1, 512)) as cand:
+        solo = statistics.median(time_alone(prof, str(big), shape).median_ms for _ in range(3))
+        with ModelProcess(prof, str(big), shape) as ref, ModelProcess(prof, str(small), shape) as cand:
             pair = measure_pair_in_processes(cand, ref, prof.measure)
         assert pair.interleaved and pair.candidate.median_ms < pair.reference.median_ms
         return pair.reference.median_ms / solo
 
     ratio = in_pair_over_solo()
-    if not 0.65 <= ratio <= 1.5:
+    if not 0.7 <= ratio <= 1.35:
         ratio = in_pair_over_solo()
-    assert 0.65 <= ratio <= 1.5
+    assert 0.7 <= ratio <= 1.35
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="no SIGSTOP on this OS")
+def test_idle_worker_is_frozen_while_the_other_is_timed(two_models):
+    big, _ = two_models
+    prof = _profile(threads=1)
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    import time
+
+    with ModelProcess(prof, str(big), (1, 512)) as proc:
+        proc.pause()
+        deadline = time.monotonic() + 2.0  # the signal is delivered asynchronously
+        while state(proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state(proc.pid) == "T"  # stopped: no thread of it can run
+        assert len(proc.block(2)) == 2  # asking for work resumes it
+        assert state(proc.pid) != "T"
 
 
 def test_backend_pair_uses_worker_processes_unless_told_not_to(two_models, monkeypatch):

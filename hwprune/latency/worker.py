@@ -1,13 +1,15 @@
 """One ONNX model in its own process: the way a deployed model runs, and the way hwprune times it.
 
 A deployed model owns its process: its ONNX Runtime session has its own intra-op thread pool, spinning on, all the
-threads the profile gives it. Two sessions in ONE process each keep such a pool, and the idle session's threads
-fight the running one for the cores: on 2 cores the dense demo model ran 3.8-4.1 ms beside a candidate but
-1.8-1.9 ms alone, and pair ratios were off by up to 3x (issue 7). So every model a measurement compares runs in a
-process of its own (:class:`ModelProcess`), and the coordinator asks one process at a time for a block of timed
-calls while the other waits, blocked on its pipe, its threads idle. The same worker, started fresh for one model
-and stopped after one measurement, is the ground truth that ``hwprune verify`` compares against
-(:func:`time_alone`).
+threads the profile gives it. Timing a candidate and the dense model alternately breaks that in two ways, both
+measured on the demo model with 2 threads on 2 cores (issue 7): in ONE process, the two sessions' pools compete
+(dense 2.2x slower beside a candidate than alone); and even in two processes, ONNX Runtime's idle workers keep
+spinning for tens of milliseconds after each run (about 2^20 spin iterations), taking a core from the model timed
+next (again 2.2x). So each model runs in a process of its own (:class:`ModelProcess`), and while one is timed the
+other is frozen with SIGSTOP: a stopped process cannot spin. Then the dense model times 0.98-0.99x its solo
+median inside the pair and ratios agree with solo timing within 1-3% (``scripts/bench_latency_methods.py``). The
+same worker, started fresh for one model and stopped after one measurement, is the ground truth that ``hwprune
+verify`` compares against (:func:`time_alone`).
 
 Protocol: JSON lines on stdin/stdout.
   {"op": "load", "profile": {...}, "onnx": PATH, "shape": [...]}   -> {"ok": true, "fingerprint": {...}}
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +41,8 @@ from hwprune.latency.measure import measure, measure_interleaved, settings_from_
 __all__ = ["ModelProcess", "measure_pair_in_processes", "time_alone", "serve"]
 
 _START_TIMEOUT_S = 120.0
+_SIGSTOP = getattr(signal, "SIGSTOP", None)
+_SIGCONT = getattr(signal, "SIGCONT", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,6 +122,7 @@ class ModelProcess:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.onnx_path = str(onnx_path)
+        self._paused = False
         self._proc = subprocess.Popen(
             [python or sys.executable, "-m", "hwprune.latency.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env,
@@ -159,16 +165,33 @@ class ModelProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def pause(self) -> None:
+        """Freeze the worker (SIGSTOP) while another model is timed: an idle ONNX Runtime session's intra-op
+        threads keep spinning for tens of milliseconds after each run, and on a machine whose every core the
+        running model uses, a spinning neighbour halves its speed. A stopped process cannot spin. No-op where
+        the OS has no SIGSTOP (Windows)."""
+        if _SIGSTOP is not None and not self._paused and self.alive():
+            os.kill(self._proc.pid, _SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            os.kill(self._proc.pid, _SIGCONT)
+            self._paused = False
+
     def block(self, calls: int, untimed: int = 0) -> List[float]:
+        self.resume()
         return [float(x) for x in self._call({"op": "block", "calls": int(calls), "untimed": int(untimed)})["ms"]]
 
     def measure(self, settings: MeasureSettings) -> LatencyStats:
+        self.resume()
         reply = self._call({"op": "measure", "settings": settings_to_dict(settings)})
         return LatencyStats.from_dict(reply["stats"])
 
     def close(self) -> None:
         proc = self._proc
         if proc.poll() is None:
+            self.resume()
             try:
                 proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 proc.stdin.flush()
@@ -194,18 +217,30 @@ def measure_pair_in_processes(candidate: ModelProcess, reference: ModelProcess,
     """Candidate and reference, each in its own process, timed alternately in the same window.
 
     Each sample is the median of ``interleave_block`` calls timed inside one worker after one untimed call (which
-    absorbs the switch: the other process's threads winding down, caches refilled); the other worker waits,
-    blocked on its pipe. The stopping rule and the pair statistics are those of ``measure_interleaved``.
+    absorbs the switch: caches refilled, threads woken); the other worker is frozen (SIGSTOP) meanwhile, so its
+    spinning threads cannot steal a core. The stopping rule and the pair statistics are those of
+    ``measure_interleaved``.
     """
     block = max(1, int(settings.interleave_block))
+    reference.pause()
     candidate.block(settings.warmup)
+    candidate.pause()
     reference.block(settings.warmup)
 
-    def sampler(proc: ModelProcess):
-        return lambda: float(np.median(proc.block(block, untimed=1)))
+    def sampler(proc: ModelProcess, other: ModelProcess):
+        def sample() -> float:
+            other.pause()  # its threads may still spin from its last run: freeze them
+            return float(np.median(proc.block(block, untimed=1)))
+
+        return sample
 
     inner = dataclasses.replace(settings, warmup=0, interleave_block=1)
-    return measure_interleaved(sampler(candidate), sampler(reference), inner, returns_ms=True)
+    try:
+        return measure_interleaved(sampler(candidate, reference), sampler(reference, candidate), inner,
+                                   returns_ms=True)
+    finally:
+        candidate.resume()
+        reference.resume()
 
 
 def time_alone(profile: DeviceProfile, onnx_path: str, input_shape: Sequence[int],
