@@ -78,7 +78,7 @@ def test_worker_round_trip_and_errors(two_models, tmp_path):
 def test_reference_in_a_pair_runs_as_fast_as_alone(conv_pair):
     """The bug of issue 7: the dense model ran ~2.2x slower beside a candidate than alone (competing or still
     spinning thread pools). In worker processes, the idle one frozen, the reference's in-pair time must match its
-    solo time. The bound is loose (a shared, noisy machine) but excludes the bug; one retry absorbs a burst."""
+    solo time (median of three tries: the machine is shared and noisy)."""
     big, small = conv_pair
     prof = _profile(threads=0)
     shape = (1, 1, 28, 28)
@@ -90,10 +90,9 @@ def test_reference_in_a_pair_runs_as_fast_as_alone(conv_pair):
         assert pair.interleaved and pair.candidate.median_ms < pair.reference.median_ms
         return pair.reference.median_ms / solo
 
-    ratio = in_pair_over_solo()
-    if not 0.7 <= ratio <= 1.35:
-        ratio = in_pair_over_solo()
-    assert 0.7 <= ratio <= 1.35
+    # without freezing the idle worker this is erratic, 1.1-2.2 (median of three about 1.5); frozen, about 0.99
+    ratio = statistics.median(in_pair_over_solo() for _ in range(3))
+    assert 0.8 <= ratio <= 1.2
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="no SIGSTOP on this OS")
