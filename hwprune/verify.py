@@ -196,6 +196,7 @@ def format_rows(rows: Sequence[VerifyRow], tolerance: float) -> str:
     lines = [f"{'profile':<14} {'trial':>5} {'reported':>9} {'alone':>9} {'alone range':>15} {'error':>8}"]
     for r in rows:
         mark = "  EXCEEDS" if abs(r.rel_error) > tolerance else ""
+        spread = f"{r.isolated_min:.2f}-{r.isolated_max:.2f}x"
         lines.append(f"{r.profile:<14} {r.trial:>5} {r.reported_speedup:>8.2f}x {r.isolated_speedup:>8.2f}x "
-                     f"{r.isolated_min:>6.2f}-{r.isolated_max:<6.2f}x  {100 * r.rel_error:>+6.1f}%{mark}")
+                     f"{spread:>15} {100 * r.rel_error:>+7.1f}%{mark}")
     return "\n".join(lines)

@@ -40,7 +40,6 @@ from hwprune.latency.measure import measure, measure_interleaved, settings_from_
 
 __all__ = ["ModelProcess", "measure_pair_in_processes", "time_alone", "serve"]
 
-_START_TIMEOUT_S = 120.0
 _SIGSTOP = getattr(signal, "SIGSTOP", None)
 _SIGCONT = getattr(signal, "SIGCONT", None)
 
