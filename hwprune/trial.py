@@ -2,7 +2,6 @@
 profile -> (stop here if over the latency budget: no training is spent on it) -> recovery -> accuracy."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
