@@ -101,7 +101,7 @@ def meter_for_run(study: optuna.Study, workload: Workload, run_dir: Path):
     from hwprune.config import load_profiles
     from hwprune.trial import LatencyMeter
 
-    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.input_shape, run_dir)
+    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.inputs, run_dir)
     stored = study.user_attrs.get("reference_ms", {})
     meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
     return meter

@@ -20,11 +20,14 @@ def _log(msg: str) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") -> None:
-    p.add_argument("--model", required=True, help="demo | torchvision:NAME | FILE.pt | package.module:factory")
+    p.add_argument("--model", required=True,
+                   help="demo | torchvision:NAME | FILE.pt | package.module:factory | hf:DIR | hf-package:PKG")
     p.add_argument("--weights", help="state_dict file for torchvision:NAME, package.module:factory or demo")
     p.add_argument("--data", default=data_default,
                    help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | none (default {data_default})")
     p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
+    p.add_argument("--inputs", help="named model inputs, e.g. input_ids:int64:128,attention_mask:int64:128 "
+                                    "(int64 without a length: the profile's sequence_length); with --data none")
     p.add_argument("--image-size", type=_num(int, 1), help="resize images of imagefolder/torchvision data to this size")
     p.add_argument("--seed", type=_num(int, 0, 2**32 - 1), default=0)
     _add_trust_arg(p)
@@ -38,10 +41,13 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
 def _workload(args, space: str, run_dir: Optional[Path] = None):
     from hwprune.workload import build_workload, parse_shape
 
+    from hwprune.inputs import InputSpec
+
     shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
+    inputs = InputSpec.parse(args.inputs) if getattr(args, "inputs", None) else None  # bad text: one line, first
     return build_workload(args.model, args.data, space, weights=args.weights, input_shape=shape,
                           run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log,
-                          trust_pickle=args.trust_pickle)
+                          trust_pickle=args.trust_pickle, inputs=inputs)
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -158,13 +164,16 @@ def cmd_profile(args) -> int:
     workload = _workload(args, args.search_space, run_dir=Path(args.run_dir))
     if args.build_lut:
         return _build_lut(args, workload, profiles)
+    workload = workload.for_profiles(profiles[:1])  # token inputs: MACs at the first profile's sequence length
     costs = measure_costs(workload.model, workload.example_input)
     report = {"model": args.model, "input_shape": list(workload.input_shape), **costs.to_dict(), "profiles": {}}
+    if not workload.inputs.is_image:
+        report["inputs"] = workload.resolved_inputs.to_text()
     with tempfile.TemporaryDirectory() as tmp:
-        for p in profiles:
+        for k, p in enumerate(profiles):
             backend = make_backend(p)
-            shape = (p.batch_size, *workload.input_shape)
-            onnx_path = to_onnx(workload.model, shape, Path(tmp) / f"model-b{p.batch_size}.onnx")
+            shape = workload.latency_inputs(p)
+            onnx_path = workload.export_onnx(workload.model, Path(tmp) / f"model-{k}.onnx", p.batch_size, profile=p)
             stats = measure_candidate(backend, str(onnx_path), workload.model, shape)
             entry = {"latency": stats.to_dict(), "fingerprint": backend.fingerprint()}
             if getattr(backend, "last_conditions", None):  # GPU clock and temperature around the timing
@@ -177,7 +186,8 @@ def cmd_profile(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.model}  input {tuple(workload.input_shape)}  MACs {costs.macs / 1e6:.2f} M  "
+    shown = tuple(workload.input_shape) if workload.inputs.is_image else workload.resolved_inputs.describe(1)
+    print(f"{args.model}  input {shown}  MACs {costs.macs / 1e6:.2f} M  "
           f"params {costs.params / 1e6:.3f} M  bytes {costs.bytes / 1e6:.2f} MB")
     for name, e in report["profiles"].items():
         s = e["latency"]
@@ -218,8 +228,8 @@ def _build_lut(args, workload, profiles) -> int:
             for k in range(args.lut_check):
                 plan = workload.plan({g.name: rng.choice(workload.space.ratios) for g in workload.groups})
                 model = apply_plan(workload.model, plan, workload.example_input)[0]
-                shape = (profile.batch_size, *workload.input_shape)
-                onnx_path = to_onnx(model, shape, Path(tmp) / f"check-{k}.onnx")
+                shape = workload.latency_inputs(profile)
+                onnx_path = workload.export_onnx(model, Path(tmp) / f"check-{k}.onnx", profile.batch_size, profile)
                 pairs.append((plan, measure_candidate(backend, str(onnx_path), model, shape).median_ms))
         err = predictor_error(table, pairs)
         print(f"predictor error on {err['n']} random plans it was not calibrated on: MAPE {err['mape']:.1f}%  "
@@ -244,7 +254,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=out).for_profiles(profiles)
-    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out, cache=False)
+    meter = LatencyMeter(profiles, workload.model, workload.inputs, out, cache=False)
     plan = workload.uniform_plan(args.ratio)
     plan.recovery_method = args.recovery_method
     try:
@@ -255,7 +265,7 @@ def cmd_prune(args) -> int:
         f.unlink()
     if (out / "reference").is_dir():
         (out / "reference").rmdir()
-    to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+    workload.export_onnx(model, out / "model.onnx")
     save_torch(model, out / "model.pt")
     m = outcome.metrics()
     acc = f"accuracy {m['accuracy']:.4f}  " if m["accuracy"] is not None else ""
@@ -284,8 +294,10 @@ def _open_run(args):
 
     space = stored_search_space(a) or a["search_space"]  # the study's own copy: the file may be elsewhere or edited
     workload = build_workload(a["model"], a["data"], space, weights=a.get("weights"), image_size=a.get("image_size"),
-                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log,
+                              input_shape=a.get("input_shape"), inputs=a.get("inputs"), run_dir=run,
+                              seed=a.get("seed", 0), log=_log,
                               trust_pickle=args.trust_pickle)
+    workload = workload.with_sequence_length(a.get("sequence_length"))  # token inputs: the search's length
     return run, study, workload
 
 

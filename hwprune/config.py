@@ -319,7 +319,8 @@ def load_search_space(ref: str) -> SearchSpace:
 # ---------------------------------------------------------------------------------------------------------------
 # Device profiles
 
-_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "channel_multiple", "options", "measure", "accelerates")
+_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "sequence_length", "channel_multiple", "options",
+                 "measure", "accelerates")
 
 
 def parse_measure_settings(where: str, section: Any) -> MeasureSettings:
@@ -341,6 +342,9 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
     }
     if "batch_size" in data:
         kw["batch_size"] = _typed(f"{source}: batch_size", data["batch_size"], int, minimum=1)
+    if "sequence_length" in data:  # token inputs whose length the input spec leaves to the profile
+        kw["sequence_length"] = _typed(f"{source}: sequence_length", data["sequence_length"], int, minimum=1,
+                                        maximum=65536)
     if "channel_multiple" in data:
         kw["channel_multiple"] = _typed(f"{source}: channel_multiple", data["channel_multiple"], int, minimum=1)
     if "options" in data:

@@ -55,7 +55,7 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
         after = evaluate(model, workload.data)
         out = run_dir / "models" / f"trial-{trial}" / "finetuned"
         out.mkdir(parents=True, exist_ok=True)
-        to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+        workload.export_onnx(model, out / "model.onnx")
         save_torch(model, out / "model.pt")
         res = {"trial": trial, "role": row.role, "plan_summary": row.plan_summary, "steps": steps,
                "distill": bool(distill), "accuracy_search": float(row.accuracy), "accuracy_before": before,

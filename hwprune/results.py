@@ -151,7 +151,7 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
     plan = PruningPlan.from_json(row["plan"])
     weights = Path(run_dir) / "trials" / f"trial-{int(row['trial'])}" / "state_dict.pt"
     model = rebuild_model(workload, plan, weights)
-    to_onnx(model, (batch_size, *workload.input_shape), out_dir / "model.onnx")
+    workload.export_onnx(model, out_dir / "model.onnx", batch_size)
     save_torch(model, out_dir / "model.pt")
     metrics = {k: _jsonable(v) for k, v in row.items() if k != "plan"}
     metrics["plan"] = json.loads(row["plan"])
@@ -161,6 +161,8 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
         metrics["structures"] = reports
         metrics["sparse_formats"] = write_sparse_weights(model, reports, out_dir / "sparse_weights.pt")
     metrics["input_shape"] = [batch_size, *workload.input_shape]
+    if not workload.inputs.is_image:
+        metrics["inputs"] = workload.resolved_inputs.to_dict()
     metrics["weights"] = "recovered (fine-tuned)" if weights.is_file() else "pruned from the dense weights, no recovery"
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return out_dir
@@ -210,7 +212,8 @@ def retime_front(workload: Workload, run_dir: Path, df: pd.DataFrame, front: pd.
     run_dir = Path(run_dir)
     backend = make_backend(dataclasses.replace(profile, measure=settings))
     dense = df[df.role == "dense"].iloc[0]
-    shape = (profile.batch_size, *workload.input_shape)
+    # the files export_trial writes: the one image input at the profile's batch, or the workload's token inputs
+    shape = workload.latency_inputs(profile) if workload.inputs.is_image else workload.resolved_inputs
     paths = {}
     for _, row in pd.concat([dense.to_frame().T, front]).iterrows():
         path = run_dir / "models" / f"trial-{int(row.trial)}" / "model.onnx"

@@ -234,7 +234,7 @@ def run_search(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workload = workload.for_profiles(profiles)  # channel counts the targets need (profile channel_multiple)
-    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
+    meter = LatencyMeter(profiles, workload.model, workload.inputs, out)
     try:
         return _run_search(workload, profiles, cfg, meter, log)
     finally:
@@ -354,6 +354,9 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
         study.set_user_attr("search_space", workload.space.source or workload.space.name)
         study.set_user_attr("profiles", [p.source or p.name for p in profiles])
         study.set_user_attr("input_shape", list(workload.input_shape))
+        # named (token) inputs with their sequence length, so that export / verify / resume rebuild alike
+        study.set_user_attr("inputs", None if workload.inputs.is_image else workload.inputs.to_dict())
+        study.set_user_attr("sequence_length", workload.sequence_length)
         study.set_user_attr("latency_budget_ms", cfg.latency_budget_ms)
         study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
         study.set_user_attr("fingerprints", meter.fingerprints())
@@ -471,6 +474,9 @@ def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, stud
     if cfg.latency_budget_ms is None:
         raise ConfigError(f"--lut {cfg.lut_path} screens against a latency budget; give --latency-budget-ms too")
     from hwprune.latency.lut import LatencyTable, LutScreen
+    from hwprune.latency.lut.build import check_image_inputs
+
+    check_image_inputs(workload, "--lut")
 
     bp = cfg.budget_profile or profiles[0].name
     table = LatencyTable.load(cfg.lut_path, fingerprint=meter.backends[bp].fingerprint(), space=workload.space.name,

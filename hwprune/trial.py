@@ -14,6 +14,7 @@ import torch.nn as nn
 from hwprune.atomic import atomic_path, write_text
 from hwprune.costs import Costs, measure_costs
 from hwprune.export import to_onnx
+from hwprune.inputs import InputSpec, measured_inputs
 from hwprune.latency import (
     DeviceProfile,
     LatencyCache,
@@ -54,11 +55,12 @@ class LatencyMeter:
     profile whose backend is missing fails before any trial runs.
     """
 
-    def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module, input_shape: Sequence[int],
-                 workdir: Path, cache: bool = True):
+    def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module,
+                 input_shape: "Sequence[int] | InputSpec", workdir: Path, cache: bool = True):
         self.profiles = list(profiles)
         self.backends = {p.name: make_backend(p) for p in self.profiles}
-        self.input_shape = tuple(input_shape)
+        # a plain shape is the one image input of one sample (C, H, W); an InputSpec names every input
+        self.inputs = input_shape if isinstance(input_shape, InputSpec) else InputSpec.image(input_shape)
         self.workdir = Path(workdir)
         self.reference = reference
         self.cache = LatencyCache(self.workdir / "latency_cache.sqlite") if cache else None
@@ -67,22 +69,32 @@ class LatencyMeter:
         self.reference_stats = {p.name: self._reference_stats(p) for p in self.profiles}
         self.reference_ms = {name: s.median_ms for name, s in self.reference_stats.items()}
 
-    def _export(self, model: nn.Module, workdir: Path) -> Dict[int, Path]:
+    def _export_key(self, p: DeviceProfile) -> str:
+        """One ONNX file per batch size (and sequence length, for token inputs)."""
+        if self.inputs.is_image:
+            return f"b{p.batch_size}"
+        return f"b{p.batch_size}-s{self.inputs.for_profile(p).shapes(1)[self.inputs.names[0]][-1]}"
+
+    def _export(self, model: nn.Module, workdir: Path) -> Dict[str, Path]:
         out = {}
         for p in self.profiles:
-            if p.batch_size not in out:
-                path = Path(workdir) / f"model-b{p.batch_size}.onnx"
-                out[p.batch_size] = to_onnx(model, (p.batch_size, *self.input_shape), path)
+            key = self._export_key(p)
+            if key not in out:
+                path = Path(workdir) / f"model-{key}.onnx"
+                if self.inputs.is_image:
+                    out[key] = to_onnx(model, self._shape(p), path)
+                else:
+                    out[key] = to_onnx(model, self.inputs.for_profile(p), path, batch=p.batch_size)
         return out
 
     def _shape(self, p: DeviceProfile):
-        return (p.batch_size, *self.input_shape)
+        return measured_inputs(self.inputs, p)
 
     def _hash(self, p: DeviceProfile, path: str) -> str:
         return file_sha256(path) if weights_matter(p) else onnx_architecture_hash(path)
 
     def _reference_stats(self, p: DeviceProfile) -> LatencyStats:
-        path = str(self.reference_onnx[p.batch_size])
+        path = str(self.reference_onnx[self._export_key(p)])
         return cached_measure(self.cache, self.backends[p.name], path, self.reference, self._shape(p),
                               model_hash=self._hash(p, path), settings=p.measure.to_dict())
 
@@ -103,7 +115,8 @@ class LatencyMeter:
         onnx = self._export(model, workdir)
         out = {}
         for p in self.profiles:
-            path, ref_path = str(onnx[p.batch_size]), str(self.reference_onnx[p.batch_size])
+            key = self._export_key(p)
+            path, ref_path = str(onnx[key]), str(self.reference_onnx[key])
 
             def pair(cache):
                 return cached_measure_pair(

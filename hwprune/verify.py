@@ -72,8 +72,13 @@ def _model_file(run_dir: Path, trial: int, batch: int) -> Path:
     out = run_dir / "verify" / f"b{batch}" / f"trial-{trial}.onnx"
     if not out.is_file():
         model = torch.load(folder / "model.pt", weights_only=False)  # this run's own export
-        shape = json.loads((folder / "metrics.json").read_text())["input_shape"][1:]
-        to_onnx(model, (batch, *shape), out)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if metrics.get("inputs"):  # named (token) inputs
+            from hwprune.inputs import InputSpec
+
+            to_onnx(model, InputSpec.from_dict(metrics["inputs"]), out, batch=batch)
+        else:
+            to_onnx(model, (batch, *metrics["input_shape"][1:]), out)
     return out
 
 
@@ -93,11 +98,19 @@ def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int
     return out
 
 
-def _onnx_shape(path: Path) -> List[int]:
+def _onnx_shape(path: Path):
+    """What the worker is handed for an exported file: the plain shape of a model with one image input, else the
+    input spec its named inputs declare (token ids are then zeros: the same work as any other ids)."""
     import onnx
 
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    from hwprune.inputs import IMAGE_INPUT_NAME, InputField, InputSpec
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    shapes = [[d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim] for i in inputs]
+    dtypes = ["int64" if i.type.tensor_type.elem_type == onnx.TensorProto.INT64 else "float32" for i in inputs]
+    if len(inputs) == 1 and inputs[0].name == IMAGE_INPUT_NAME and dtypes[0] == "float32":
+        return shapes[0]
+    return InputSpec(tuple(InputField(i.name, t, tuple(s[1:])) for i, t, s in zip(inputs, dtypes, shapes)))
 
 
 def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rounds: int = 3,
