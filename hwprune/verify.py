@@ -82,6 +82,19 @@ def _model_file(run_dir: Path, trial: int, batch: int) -> Path:
     return out
 
 
+def _reference_file(run_dir: Path, batch: int, model_file: Optional[Path]) -> Path:
+    """The dense model the search timed at ``batch``; for token inputs (one file per sequence length), the one
+    at the exported front models' sequence length."""
+    plain = run_dir / "reference" / f"model-b{batch}.onnx"
+    if plain.is_file() or model_file is None:
+        return plain
+    inputs = _onnx_shape(model_file)
+    if isinstance(inputs, list):
+        return plain
+    length = inputs.fields[0].shape[-1]
+    return run_dir / "reference" / f"model-b{batch}-s{length}.onnx"
+
+
 def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int,
                      log: Callable[[str], None] = print) -> Dict[str, List[float]]:
     """Median latency of every file in every round, each timed alone in a fresh process; the order rotates
@@ -138,13 +151,12 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
         ratio_col = f"latency_ratio:{p.name}"
         if ratio_col not in front.columns:
             raise RunError(f"{pareto_path} has no column {ratio_col}; rerun the search with this version")
-        dense_path = run_dir / "reference" / f"model-b{p.batch_size}.onnx"
+        trials = [int(t) for t in front.trial if front.loc[front.trial == t, ratio_col].notna().all()]
+        models = {f"trial-{t}": _model_file(run_dir, t, p.batch_size) for t in trials}
+        dense_path = _reference_file(run_dir, p.batch_size, next(iter(models.values()), None))
         if not dense_path.is_file():
             raise RunError(f"{dense_path} (the dense model the search compared against) is missing")
-        files = {"dense": dense_path}
-        trials = [int(t) for t in front.trial if front.loc[front.trial == t, ratio_col].notna().all()]
-        for t in trials:
-            files[f"trial-{t}"] = _model_file(run_dir, t, p.batch_size)
+        files = {"dense": dense_path, **models}
         times = time_files_alone(p, files, rounds, log)
         for t in trials:
             per_round = [d / m for d, m in zip(times["dense"], times[f"trial-{t}"])]

@@ -1,0 +1,94 @@
+"""Input specs (hwprune/inputs.py): the text form, feeds, example tensors, and that the default image spec keeps
+every image path exactly as it was."""
+import numpy as np
+import pytest
+import torch
+
+from hwprune.errors import ModelError
+from hwprune.inputs import (
+    DEFAULT_SEQUENCE_LENGTH,
+    InputSpec,
+    as_spec,
+    call_model,
+    inputs_from_wire,
+    inputs_key,
+    inputs_to_wire,
+    measured_inputs,
+)
+from hwprune.latency.base import DeviceProfile
+
+
+def test_text_form_round_trips_and_fills_by_name():
+    spec = InputSpec.parse("input_ids:int64:16:100, attention_mask:int64:16,token_type_ids:int64:16")
+    assert spec.names == ("input_ids", "attention_mask", "token_type_ids")
+    assert InputSpec.parse(spec.to_text()) == spec
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    feeds = spec.numpy_feeds(batch=3, seed=1)
+    assert {k: v.shape for k, v in feeds.items()} == {n: (3, 16) for n in spec.names}
+    assert all(v.dtype == np.int64 for v in feeds.values())
+    assert feeds["input_ids"].min() >= 0 and feeds["input_ids"].max() < 100 and feeds["input_ids"].std() > 0
+    assert (feeds["attention_mask"] == 1).all() and (feeds["token_type_ids"] == 0).all()
+    # seeded: the same feeds every time, other seeds differ
+    assert (spec.numpy_feeds(3, 1)["input_ids"] == feeds["input_ids"]).all()
+    assert not (spec.numpy_feeds(3, 2)["input_ids"] == feeds["input_ids"]).all()
+
+
+def test_sequence_length_comes_from_the_profile_unless_fixed():
+    open_spec = InputSpec.parse("input_ids:int64,attention_mask:int64")
+    assert open_spec.shapes(2) == {"input_ids": (2, DEFAULT_SEQUENCE_LENGTH), "attention_mask": (2, DEFAULT_SEQUENCE_LENGTH)}
+    profile = DeviceProfile("p", "onnxruntime", batch_size=4, sequence_length=32)
+    measured = measured_inputs(open_spec, profile)
+    assert measured.shapes(profile.batch_size)["input_ids"] == (4, 32)
+    fixed = InputSpec.parse("input_ids:int64:64")
+    assert measured_inputs(fixed, profile).shapes(1)["input_ids"] == (1, 64)
+    assert InputSpec.from_dict(measured.to_dict()).sequence_length == 32
+
+
+def test_image_spec_is_the_old_single_input():
+    spec = InputSpec.parse("input:float32:3x8x8")
+    assert spec.is_image and spec == InputSpec.image((3, 8, 8))
+    x = spec.example(1)
+    assert torch.equal(x, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    profile = DeviceProfile("p", "onnxruntime", batch_size=2)
+    # latency code gets the plain batch-first shape, as before: same cache keys, same worker messages
+    assert measured_inputs(spec, profile) == (2, 3, 8, 8)
+    assert inputs_key((2, 3, 8, 8)) == [2, 3, 8, 8]
+    assert inputs_to_wire((2, 3, 8, 8)) == {"shape": [2, 3, 8, 8]}
+    assert as_spec((2, 3, 8, 8)) == spec
+
+
+def test_wire_form_of_a_token_spec():
+    spec = InputSpec.parse("input_ids:int64:8:50,attention_mask:int64:8")
+    assert inputs_from_wire(inputs_to_wire(spec)) == spec
+    assert inputs_key(spec) != inputs_key(InputSpec.parse("input_ids:int64:9:50,attention_mask:int64:9"))
+
+
+def test_call_conventions():
+    class Kw(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return (input_ids * attention_mask).float().sum(1, keepdim=True)
+
+    positional = InputSpec.parse("input_ids:int64:4:10,attention_mask:int64:4")
+    keyword = InputSpec.parse("attention_mask:int64:4,input_ids:int64:4:10,call=keyword")
+    assert isinstance(positional.example(2), tuple) and isinstance(keyword.example(2), dict)
+    assert call_model(Kw(), keyword.example(2)).shape == (2, 1)
+    assert call_model(Kw(), positional.example(2)).shape == (2, 1)
+    assert InputSpec.parse(keyword.to_text()) == keyword
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("input_ids", "is not NAME:DTYPE"),
+    ("input_ids:int32:128", "dtype 'int32'"),
+    ("input_ids:int64:12a", "not integers"),
+    ("input_ids:int64:0", "must be positive"),
+    ("pixels:float32", "needs its sizes"),
+    ("a:int64:4,a:int64:4", "repeat"),
+    ("x:float32:3x8x8:10", "value range"),
+    ("input_ids:int64:4,call=named", "call 'named'"),
+    ("", "names no input"),
+])
+def test_bad_text_is_one_line(text, fragment):
+    with pytest.raises(ModelError) as e:
+        InputSpec.parse(text)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and "input_ids:int64:128,attention_mask:int64:128" in msg
