@@ -234,3 +234,12 @@ def test_cli_bad_inputs_is_one_line(bert_dir, tmp_path, profile_file):
     proc = run_cli(["profile", "--model", f"hf:{bert_dir}", "--data", "none", "--inputs", "pixel_values:int64:16",
                     "--profile", str(profile_file)], tmp_path)
     assert_one_error_line(proc, "takes token inputs", "fix --inputs")
+
+
+def test_lookup_tables_refuse_token_inputs_in_one_line(workload):
+    from hwprune.latency.lut import build_lut
+
+    profile = DeviceProfile("ort", "onnxruntime", options={"threads": 1}, measure=FAST)
+    with pytest.raises(ModelError, match="lookup tables time layers of image models") as e:
+        build_lut(workload, profile)
+    assert "\n" not in str(e.value)

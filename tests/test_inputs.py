@@ -92,3 +92,26 @@ def test_bad_text_is_one_line(text, fragment):
         InputSpec.parse(text)
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg and "input_ids:int64:128,attention_mask:int64:128" in msg
+
+
+def test_profiles_declare_a_sequence_length(tmp_path):
+    from hwprune.config import PROFILE_DIR, PROJECT_ROOT, load_profile
+
+    for path in sorted((PROJECT_ROOT / PROFILE_DIR).glob("*.yaml")):
+        assert load_profile(str(path)).sequence_length == 128, path.name
+    p = tmp_path / "p.yaml"
+    p.write_text("backend: onnxruntime\nsequence_length: 64\n")
+    prof = load_profile(str(p))
+    assert prof.sequence_length == 64 and DeviceProfile.from_dict(prof.to_dict()).sequence_length == 64
+
+
+@pytest.mark.parametrize("value", ["0", "true", "12.5", "'128'", "100000"])
+def test_profile_sequence_length_is_checked_strictly(tmp_path, value):
+    from hwprune.config import load_profile
+    from hwprune.errors import ConfigError
+
+    p = tmp_path / "p.yaml"
+    p.write_text(f"backend: onnxruntime\nsequence_length: {value}\n")
+    with pytest.raises(ConfigError, match="sequence_length") as e:
+        load_profile(str(p))
+    assert "\n" not in str(e.value)
