@@ -24,7 +24,8 @@ class Costs:
 
 
 class _KeywordCall(nn.Module):
-    """Calls a keyword-convention model positionally: fvcore traces ``model(*inputs)`` only."""
+    """Calls a keyword-convention model positionally: fvcore and the TorchScript ONNX exporter trace
+    ``model(*inputs)`` only."""
 
     def __init__(self, model: nn.Module, names):
         super().__init__()
@@ -34,10 +35,17 @@ class _KeywordCall(nn.Module):
         return self.model(**dict(zip(self.names, tensors)))
 
 
+def positional(model: nn.Module, example_input):
+    """(model, inputs) callable as ``model(*inputs)`` / ``model(inputs)``: a dict of named inputs is passed
+    through a keyword adapter, in its order."""
+    if isinstance(example_input, dict):
+        return _KeywordCall(model, example_input), tuple(example_input.values())
+    return model, example_input
+
+
 def count_macs(model: nn.Module, example_input) -> int:
     """MACs of one forward pass on ``example_input``: a tensor, a tuple of inputs, or a dict of named inputs."""
-    if isinstance(example_input, dict):
-        model, example_input = _KeywordCall(model, example_input), tuple(example_input.values())
+    model, example_input = positional(model, example_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from hwprune.atomic import atomic_path
+from hwprune.costs import positional
 from hwprune.errors import ModelError
 from hwprune.inputs import InputSpec
 
@@ -26,15 +27,13 @@ def to_onnx(model: nn.Module, input_shape: "Sequence[int] | InputSpec", path: Pa
         names = list(input_shape.names)
     else:
         example, names = torch.randn(*input_shape), ["input"]
-    if isinstance(example, dict):  # keyword convention
-        args, kwargs = (), example
-    else:
-        args, kwargs = (example if isinstance(example, tuple) else (example,)), None
+    model, example = positional(model, example)  # keyword convention: through an adapter, in the spec's order
+    args = example if isinstance(example, tuple) else (example,)
     try:
         with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(), args, str(tmp), kwargs=kwargs, input_names=names, output_names=["output"],
+                model.eval(), args, str(tmp), input_names=names, output_names=["output"],
                 opset_version=OPSET, dynamo=False,
             )
     except Exception as e:

@@ -115,3 +115,52 @@ def test_profile_sequence_length_is_checked_strictly(tmp_path, value):
     with pytest.raises(ConfigError, match="sequence_length") as e:
         load_profile(str(p))
     assert "\n" not in str(e.value)
+
+
+KEYWORD_FACTORY = '''
+import torch
+import torch.nn as nn
+
+
+class TokenNet(nn.Module):
+    """Takes its inputs by keyword only: the spec's call=keyword convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.hidden = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, *, input_ids, attention_mask):
+        h = torch.relu(self.hidden(self.embed(input_ids)))
+        m = attention_mask.unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def token_net():
+    return TokenNet()
+'''
+
+
+def test_keyword_convention_model_through_workload_macs_and_onnx(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from hwprune.costs import count_macs
+    from hwprune.plan import apply_plan
+    from hwprune.workload import build_workload
+
+    (tmp_path / "kw_token_models.py").write_text(KEYWORD_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    w = build_workload("kw_token_models:token_net", "none", "filters",
+                       inputs="input_ids:int64:12,attention_mask:int64:12,call=keyword", log=lambda m: None)
+    assert w.inputs.fields[0].high == 50  # bounded by the model's embedding table
+    assert isinstance(w.example_input, dict) and w.ignored == ["head"] and [g.name for g in w.groups] == ["hidden"]
+    assert count_macs(w.model, w.example_input) == 12 * 16 * 32 + 32 * 4
+    pruned = apply_plan(w.model, w.uniform_plan(0.5), w.example_input)[0]
+    assert pruned.hidden.out_features == 16
+    path = w.export_onnx(pruned, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = w.resolved_inputs.numpy_feeds(1)
+    with torch.no_grad():
+        expected = pruned(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    assert np.abs(sess.run(None, feeds)[0] - expected).max() < 1e-5
