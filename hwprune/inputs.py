@@ -9,7 +9,8 @@ Text form (``--inputs``, study storage): comma-separated ``NAME:DTYPE[:DIMS[:HIG
 ``input_ids:int64:128,attention_mask:int64:128`` or ``input:float32:3x224x224``. DIMS are ``x``-separated sizes
 of one sample (no batch); an int64 input without DIMS has one dimension, the sequence length, taken from the
 device profile (``sequence_length``). HIGH bounds token ids (the vocabulary size). A trailing ``,call=keyword``
-calls the model as ``model(**inputs)`` instead of ``model(*inputs)``.
+calls the model as ``model(**inputs)`` instead of ``model(*inputs)``; ``,padding=0.25`` masks out the last quarter
+of every sequence in ``attention_mask`` (all ones otherwise).
 
 Imports no torch at module level: the latency worker and the agent use it with numpy alone.
 """
@@ -70,6 +71,7 @@ class InputSpec:
     fields: Tuple[InputField, ...]
     call: str = "positional"
     sequence_length: Optional[int] = None  # None: the profile's (DEFAULT_SEQUENCE_LENGTH where there is none)
+    padding: float = 0.0  # fraction of each sequence's last positions the attention mask leaves out
 
     # -- construction --------------------------------------------------------------------------------------------
 
@@ -93,13 +95,21 @@ class InputSpec:
         def bad(why: str) -> ModelError:
             return ModelError(f"--inputs {text!r} is not valid: {why}; write {TEXT_FORM}")
 
-        call = "positional"
+        call, padding = "positional", 0.0
         fields = []
         for part in [p.strip() for p in str(text).split(",") if p.strip()]:
             if part.startswith("call="):
                 call = part.split("=", 1)[1]
                 if call not in CALLS:
                     raise bad(f"call {call!r} is not one of {', '.join(CALLS)}")
+                continue
+            if part.startswith("padding="):
+                try:
+                    padding = float(part.split("=", 1)[1])
+                except ValueError:
+                    padding = -1.0
+                if not 0.0 <= padding < 1.0:
+                    raise bad(f"{part!r}: padding is the fraction of positions masked out, in [0, 1)")
                 continue
             bits = part.split(":")
             if len(bits) < 2 or len(bits) > 4 or not bits[0].isidentifier():
@@ -127,17 +137,18 @@ class InputSpec:
         names = [f.name for f in fields]
         if len(set(names)) != len(names):
             raise bad(f"input names repeat ({', '.join(names)})")
-        return cls(tuple(fields), call)
+        return cls(tuple(fields), call, padding=padding)
 
     def to_text(self) -> str:
         text = ",".join(f.to_text() for f in self.fields)
-        return text + (f",call={self.call}" if self.call != "positional" else "")
+        text += f",call={self.call}" if self.call != "positional" else ""
+        return text + (f",padding={self.padding:g}" if self.padding else "")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain, JSON-ready form (worker processes, the remote agent, the study)."""
         return {"fields": [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape), "high": f.high}
                            for f in self.fields],
-                "call": self.call, "sequence_length": self.sequence_length}
+                "call": self.call, "sequence_length": self.sequence_length, "padding": self.padding}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "InputSpec":
@@ -148,9 +159,12 @@ class InputSpec:
                                       tuple(None if s is None else int(s) for s in f["shape"]),
                                       None if f.get("high") is None else int(f["high"])) for f in d["fields"])
             spec = cls(fields, str(d.get("call", "positional")),
-                       None if d.get("sequence_length") is None else int(d["sequence_length"]))
+                       None if d.get("sequence_length") is None else int(d["sequence_length"]),
+                       float(d.get("padding") or 0.0))
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"input spec {d!r} is not valid ({type(e).__name__}: {e})") from None
+            raise ModelError(f"input spec {str(d)[:200]} is not valid ({type(e).__name__}: {e})") from None
+        if spec.sequence_length is not None and not 1 <= spec.sequence_length <= 65536:
+            raise ModelError(f"input spec: sequence_length {spec.sequence_length} is not in [1, 65536]")
         # the same checks as the text form (a spec arriving over the agent's wire is untrusted)
         return cls.parse(spec.to_text()).with_sequence_length(spec.sequence_length)
 
@@ -217,6 +231,9 @@ class InputSpec:
                 out[f.name] = rng.integers(0, f.high, size=shape, dtype=np.int64)
             elif f.fill == "ones":
                 out[f.name] = np.ones(shape, dtype=np.int64)
+                masked = int(round(self.padding * shape[-1]))
+                if masked:  # padded sequences: the last positions left out (at least one kept)
+                    out[f.name][..., shape[-1] - min(masked, shape[-1] - 1):] = 0
             else:
                 out[f.name] = np.zeros(shape, dtype=np.int64)
         return out

@@ -17,12 +17,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import optuna
 
 from hwprune import storage as shared
 from hwprune.errors import BudgetError, ConfigError, RunError
+from hwprune.inputs import InputSpec
 from hwprune.latency import DeviceProfile
 from hwprune.plan import PruningPlan
 from hwprune.trial import LatencyMeter, TrialOutcome, run_trial
@@ -333,6 +334,17 @@ def check_search_config(cfg: SearchConfig) -> None:
                           f"or live trials would be taken for dead ones; raise --grace")
 
 
+def _check_same_inputs(attrs: Dict[str, Any], workload: Workload) -> None:
+    """A resume must feed the model what the study measured: other --inputs are refused in one line."""
+    if "inputs" not in attrs:  # a study from before input specs: one image input
+        return
+    now = None if workload.inputs.is_image else workload.inputs.to_dict()
+    if attrs["inputs"] != now:
+        was = "the one image input" if attrs["inputs"] is None else InputSpec.from_dict(attrs["inputs"]).to_text()
+        raise ConfigError(f"the study was created with inputs {was}, not {workload.inputs.to_text()}; resume with "
+                          f"the same --inputs or start a new --study")
+
+
 def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[DeviceProfile], meter: LatencyMeter,
                  cfg: SearchConfig, names: Sequence[str], log: Callable[[str], None] = print) -> None:
     """Once per study, under the storage lock: what the study was made of (files as content), and the dense
@@ -343,6 +355,7 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
     if "objectives" in study.user_attrs:
         for line in provenance.check_unchanged(study.user_attrs, files, cfg.allow_changed_config):
             log(f"warning: resuming with a changed {line} ({provenance.OVERRIDE_FLAG})")
+        _check_same_inputs(study.user_attrs, workload)
     else:
         for key, value in files.items():
             study.set_user_attr(key, value)

@@ -225,6 +225,14 @@ def test_cli_search_a_text_model_without_data(bert_dir, tmp_path, profile_file, 
     # export rebuilds the workload from the study alone (its stored input spec and sequence length)
     proc = run_cli(["export", "--run", str(out), "--pareto", "--out", str(tmp_path / "again")], tmp_path)
     assert proc.returncode == 0, proc.stderr
+    again = json.loads(next((tmp_path / "again").rglob("metrics.json")).read_text())
+    assert again["inputs"] == metrics["inputs"]
+    # a resume with other inputs is refused in one line
+    proc = run_cli(["search", "--model", f"hf:{bert_dir}", "--data", "none", "--inputs", "input_ids:int64",
+                    "--search-space", str(space_file), "--profile", str(profile_file), "--trials", "4",
+                    "--out", str(out), "--verify-rounds", "0", "--no-progress"], tmp_path)
+    assert_one_error_line(proc, "the study was created with inputs input_ids:int64::100,attention_mask:int64",
+                          "same --inputs")
 
 
 def test_cli_bad_inputs_is_one_line(bert_dir, tmp_path, profile_file):

@@ -164,3 +164,15 @@ def test_keyword_convention_model_through_workload_macs_and_onnx(tmp_path, monke
     with torch.no_grad():
         expected = pruned(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
     assert np.abs(sess.run(None, feeds)[0] - expected).max() < 1e-5
+
+
+def test_padding_masks_the_last_positions():
+    spec = InputSpec.parse("input_ids:int64:8:30,attention_mask:int64:8,padding=0.25")
+    assert InputSpec.parse(spec.to_text()) == spec and InputSpec.from_dict(spec.to_dict()) == spec
+    mask = spec.numpy_feeds(2)["attention_mask"]
+    assert (mask[:, :6] == 1).all() and (mask[:, 6:] == 0).all()
+    for bad in ("padding=1", "padding=-0.1", "padding=x"):
+        with pytest.raises(ModelError, match="padding"):
+            InputSpec.parse(f"input_ids:int64:8,{bad}")
+    with pytest.raises(ModelError, match="sequence_length"):
+        InputSpec.from_dict({**spec.to_dict(), "sequence_length": -3})
