@@ -192,8 +192,8 @@ def build_workload(
         inputs = default_input_spec(model)
     if inputs is not None:
         if data is not None:
-            raise ModelError(f"--inputs {inputs.to_text()!r} names other inputs than the one image tensor data "
-                             f"{data.name!r} feeds; use --data none with named (token) inputs")
+            raise ModelError(f"the model takes {inputs.to_text()} (--inputs), but data {data.name!r} feeds one "
+                             f"image tensor; use --data none with named (token) inputs")
         if hasattr(model, "set_input_names"):  # an hf: model takes its inputs in the spec's order
             model.set_input_names(inputs.names)
         inputs = inputs.with_vocab(vocab_size(model))

@@ -251,3 +251,9 @@ def test_lookup_tables_refuse_token_inputs_in_one_line(workload):
     with pytest.raises(ModelError, match="lookup tables time layers of image models") as e:
         build_lut(workload, profile)
     assert "\n" not in str(e.value)
+
+
+def test_labelled_image_data_with_token_inputs_is_one_line(bert_dir, tmp_path, profile_file):
+    proc = run_cli(["prune", "--model", f"hf:{bert_dir}", "--data", "digits", "--ratio", "0.5", "--search-space",
+                    "filters", "--profile", str(profile_file), "--out", str(tmp_path / "o")], tmp_path)
+    assert_one_error_line(proc, "the model takes input_ids:int64::100,attention_mask:int64", "--data none")
