@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -25,6 +26,10 @@ from hwprune.inputs import InputSpec
 PREFIXES = ("hf:", "hf-package:")
 INSTALL_HINT = "pip install 'hwprune[text]'"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# query/key/value projections as transformers names them (BERT, RoBERTa, DistilBERT, MPNet, Llama-style, fused)
+_ATTENTION_PROJECTION = re.compile(
+    r"(^|\.)(query|key|value|q_proj|k_proj|v_proj|q_lin|k_lin|v_lin|qkv|qkv_proj|in_proj|Wqkv)$"
+    r"|(^|\.)(attn|attention|self_attn)\.(q|k|v)$")
 
 
 def is_hf_ref(ref: str) -> bool:
@@ -143,6 +148,13 @@ class HFTextModel(nn.Module):
             m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def head_coupled_layers(self) -> Tuple[str, ...]:
+        """Attention projections (query/key/value by their usual Hugging Face names): their output channels are
+        split into heads, so they are pruned only as whole heads, never as loose channels (a channel group on
+        them breaks the heads' reshape unless the kept width happens to be a multiple of the head size)."""
+        return tuple(n for n, m in self.named_modules()
+                     if isinstance(m, nn.Linear) and _ATTENTION_PROJECTION.search(n))
 
     def embedding_layers(self, example: Sequence[torch.Tensor]) -> Tuple[str, ...]:
         """The layer whose outputs are the model's output (the embedding's width, or the logits): the last Linear

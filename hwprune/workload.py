@@ -220,12 +220,19 @@ def build_workload(
         ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
     groups = [g for g in graph.list_groups(model, example, ignored) if space.matches(g.name)]
+    if hasattr(model, "head_coupled_layers"):  # attention heads are pruned whole, never as loose channels
+        heads = set(model.head_coupled_layers())
+        loose = [g.name for g in groups if heads.intersection(g.members)]
+        if loose:
+            log(f"{len(loose)} channel groups on attention projections left out (query/key/value channels are "
+                f"split into heads)")
+        groups = [g for g in groups if g.name not in loose]
+    # (transformer groups: attention heads, MLP width, depth, join ``groups`` here; see transformer_groups.py)
     if not groups:
         raise ModelError(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
             f"narrow 'ignore'"
         )
     structure_layers = space.structure_layers(all_names)
-    # (transformer groups: attention heads, MLP width, depth, join ``groups`` here; see transformer_groups.py)
     return Workload(model_ref, model, data, space, tuple(input_shape), groups, ignored, structure_layers, weights,
                     data_ref, image_size=image_size, inputs=inputs)

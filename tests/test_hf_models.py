@@ -70,6 +70,8 @@ def test_workload_keeps_the_embedding_width(workload):
     names = [g.name for g in workload.groups]
     assert "model.encoder.layer.0.intermediate.dense" in names
     assert not any(n.endswith(("output.dense", "embeddings.word_embeddings")) for n in names)
+    # query/key/value are split into heads: never pruned as loose channels (whole heads are the transformer groups')
+    assert not any(".attention." in n for n in names) and len(names) == LAYERS
     pruned = workload.uniform_plan(0.5)
     from hwprune.plan import apply_plan
 
