@@ -156,7 +156,6 @@ def cmd_profile(args) -> int:
 
     from hwprune.config import load_profiles, load_search_space
     from hwprune.costs import measure_costs
-    from hwprune.export import to_onnx
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate
 
@@ -208,7 +207,6 @@ def _build_lut(args, workload, profiles) -> int:
     import random
     import tempfile
 
-    from hwprune.export import to_onnx
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate
     from hwprune.latency.lut import build_lut, predictor_error
@@ -242,7 +240,7 @@ def _build_lut(args, workload, profiles) -> int:
 
 def cmd_prune(args) -> int:
     from hwprune.config import load_profiles
-    from hwprune.export import save_torch, to_onnx
+    from hwprune.export import save_torch
     from hwprune.trial import LatencyMeter, run_trial
 
     if not 0.0 <= args.ratio < 1.0:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import pandas as pd
 
 from hwprune.errors import RunError
-from hwprune.export import save_torch, to_onnx
+from hwprune.export import save_torch
 from hwprune.plan import PruningPlan
 from hwprune.recover import evaluate, train
 from hwprune.results import rebuild_model

@@ -17,7 +17,7 @@ import torch
 
 from hwprune.atomic import atomic_path, write_text
 from hwprune.errors import RunError
-from hwprune.export import save_torch, to_onnx
+from hwprune.export import save_torch
 from hwprune.plan import PruningPlan, replay_plan
 from hwprune.workload import Workload
 
