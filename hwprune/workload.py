@@ -35,6 +35,7 @@ class Workload:
     image_size: Optional[int] = None  # images resized to this (stored in the study: export rebuilds alike)
     extra: Dict[str, object] = field(default_factory=dict)
     channel_multiple: int = 1  # what the target profiles need kept channel counts to be multiples of
+    objective: str = "accuracy"  # what candidates are scored by (hwprune.fidelity.OBJECTIVES)
 
     @property
     def round_to(self) -> Optional[int]:
@@ -100,8 +101,11 @@ def build_workload(
     image_size: Optional[int] = None,
     log: Callable[[str], None] = print,
     trust_pickle: bool = False,
+    objective: Optional[str] = None,
 ) -> Workload:
-    """Load model and data, check they fit, and resolve which groups the space may prune."""
+    """Load model and data, check they fit, and resolve which groups the space may prune. ``objective`` (else the
+    space's ``objective``, else accuracy with labels and a fidelity objective without) is what trials are scored
+    by (hwprune.fidelity)."""
     if isinstance(space, str):
         space = load_search_space(space)
     if data_ref == "none" and model_ref == "demo":
@@ -118,21 +122,27 @@ def build_workload(
         input_shape = (3, 224, 224)
     input_shape = tuple(int(v) for v in input_shape)
 
+    if model_ref == "demo" and data is not None and not data.labeled and not weights:
+        raise ModelError(f"the demo model is trained on labelled data, and data {data.name!r} has none; give "
+                         f"--weights of a trained demo model or bring your own --model")
+    classes = data.num_classes if data is not None and data.labeled else None  # unlabelled: the model's own
     if model_ref == "demo":
         if weights:
-            model = load_model("demo", weights=weights, num_classes=data.num_classes, in_channels=input_shape[0])
+            model = load_model("demo", weights=weights, num_classes=classes, in_channels=input_shape[0])
         else:
             cache = Path(run_dir or ".") / "demo_model.pt"
             model = load_or_train_demo(cache, data, seed=seed, log=log)
     else:
-        model = load_model(model_ref, weights=weights, num_classes=data.num_classes if data else None,
+        model = load_model(model_ref, weights=weights, num_classes=classes,
                            trust_pickle=trust_pickle)
     model.eval()
     what = f"data {data.name!r}" if data is not None else "--input-shape"
     example = check_input(model, input_shape, what)
     with torch.no_grad():
-        num_outputs = model(example).shape[1]
-    if data is not None and num_outputs != data.num_classes:
+        output_shape = tuple(model(example).shape)
+    num_outputs = output_shape[1]
+    space, objective = _with_objective(space, objective, data, output_shape)
+    if data is not None and data.labeled and num_outputs != data.num_classes:
         raise ModelError(
             f"the model has {num_outputs} outputs but data {data.name!r} has {data.num_classes} classes; "
             f"use a model built for {data.num_classes} classes"
@@ -151,4 +161,19 @@ def build_workload(
         )
     structure_layers = space.structure_layers(all_names)
     return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref,
-                    image_size=image_size)
+                    image_size=image_size, objective=objective)
+
+
+def _with_objective(space: SearchSpace, requested: Optional[str], data: Optional[DataBundle], output_shape):
+    """(the space with its distillation loss fitted to the objective, the objective)."""
+    from hwprune.errors import ConfigError
+    from hwprune.fidelity import resolve_objective
+
+    objective = resolve_objective(requested or space.objective, None if data is None else data.labeled, output_shape)
+    if data is not None and not data.labeled and space.importance == "taylor":
+        raise ConfigError(f"search space {space.name!r} ranks channels by 'taylor', which needs labels, and data "
+                          f"{data.name!r} has none; use importance l1 or l2")
+    if space.recovery.distill_loss is None:
+        loss = "cosine" if objective == "cosine" else "kl"
+        space = dataclasses.replace(space, recovery=dataclasses.replace(space.recovery, distill_loss=loss))
+    return space, objective
