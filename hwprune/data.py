@@ -225,8 +225,8 @@ def read_texts(path: str) -> List[str]:
 
 def load_tokenizer(tokenizer_dir: Optional[str]):
     if not tokenizer_dir:
-        raise DataError("text data needs the model's tokenizer: give the directory that holds tokenizer.json / "
-                        "vocab.txt (the model's own directory)")
+        raise DataError("text data is tokenized with the model's own tokenizer, and none was given: use a model "
+                        "loaded from its directory (--model hf:DIR), or pass tokenizer_dir=DIR to load_dataset")
     try:
         from transformers import AutoTokenizer
     except ImportError as e:

@@ -24,7 +24,7 @@ import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -127,6 +127,7 @@ class DenseOutputs:
 
 
 _MEMORY: "weakref.WeakKeyDictionary[nn.Module, Dict[str, DenseOutputs]]" = weakref.WeakKeyDictionary()
+_KEYS: "weakref.WeakKeyDictionary[nn.Module, Dict[int, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _heldout_key(model: nn.Module, data) -> str:
@@ -152,7 +153,10 @@ def outputs_on_heldout(model: nn.Module, data, batch_size: int = EVAL_BATCH) -> 
 def dense_outputs(dense: nn.Module, data, cache_dir: Optional[Path] = None) -> DenseOutputs:
     """The dense model's held-out outputs: from memory, else the run directory's ``dense_outputs.pt`` when its
     key matches, else computed (and written there when small enough)."""
-    key = _heldout_key(dense, data)
+    known = _KEYS.setdefault(dense, {})
+    if id(data.val) not in known:  # hashing the weights once per (model, split), not once per trial
+        known[id(data.val)] = (data.val, _heldout_key(dense, data))  # the split is held so its id stays its own
+    key = known[id(data.val)][1]
     per_model = _MEMORY.setdefault(dense, {})
     if key in per_model:
         return per_model[key]
@@ -227,5 +231,3 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, t
     return (1.0 - cos) + F.mse_loss(student, teacher)
 
 
-def describe(columns: List[str]) -> str:
-    return ", ".join(f"{c} ({LABELS.get(c, c)})" for c in columns)

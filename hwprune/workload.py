@@ -110,7 +110,9 @@ def build_workload(
         space = load_search_space(space)
     if data_ref == "none" and model_ref == "demo":
         data_ref = "mnist-5k"  # the demo model needs its data to be trained
-    data = load_dataset(data_ref, seed=seed, image_size=image_size)
+    # text:FILE is tokenized by the model's own tokenizer: the directory of --model hf:DIR (helper B's loader)
+    tokenizer_dir = model_ref.split(":", 1)[1] if model_ref.startswith("hf:") else None
+    data = load_dataset(data_ref, seed=seed, image_size=image_size, tokenizer_dir=tokenizer_dir)
     if data is not None:
         if input_shape is not None and tuple(input_shape) != tuple(data.input_shape):
             raise ModelError(

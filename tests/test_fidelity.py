@@ -13,7 +13,7 @@ import torch
 from conftest import FAST_PROFILE_YAML, FAST_SPACE_YAML, make_tiny_net
 from hwprune import fidelity
 from hwprune.cli import main
-from hwprune.data import NO_LABEL, DataBundle, load_dataset
+from hwprune.data import NO_LABEL, load_dataset
 from hwprune.errors import ConfigError, DataError
 
 MINILM_DIR = None
@@ -136,7 +136,7 @@ def test_text_file_tokenized_with_the_real_minilm_tokenizer(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(MINILM_DIR), local_files_only=True)
     first = data.train.dataset.encoded["input_ids"][0]
     assert tok.decode(first[first != tok.pad_token_id], skip_special_tokens=True) == "the cat sat on the mat"
-    batch, labels = next(iter(data.loader("train", 4)))
+    batch, _ = next(iter(data.loader("train", 4)))
     assert batch["input_ids"].shape == (4, 12) and batch["attention_mask"].shape == (4, 12)
     with pytest.raises(DataError, match="tokenizer"):
         load_dataset(f"text:{f}")
@@ -249,6 +249,14 @@ def test_search_on_an_unlabelled_image_folder(files, capsys):
         # the dense trial gets the same budget (BN recalibration moves this random-init net's statistics a little,
         # then it distils towards itself): it is measured, near the reference's 0 by definition
         assert dense.kl < 0.05
+        # finetune and baseline score by the run's objective too (distillation only: there are no labels)
+        assert main(["finetune", "--run", str(files / "unl"), "--pareto", "--steps", "2", "--trust-pickle"]) == 0
+        ft = pd.read_csv(files / "unl" / "finetune.csv")
+        assert {"kl_search", "kl_before", "kl_finetuned", "delta_vs_dense_nats"} <= set(ft.columns)
+        assert not any("accuracy" in c for c in ft.columns) and ft.distill.all()
+        assert main(["baseline", "--run", str(files / "unl"), "--method", "random", "--count", "1",
+                     "--trust-pickle"]) == 0
+        assert "kl" in pd.read_csv(files / "unl" / "baselines.csv").columns
         # accuracy on unlabelled data: refused with the fix named
         capsys.readouterr()
         bad = _search(files, f"images:{files / 'imgs'}", "unl2", "--image-size", "8", "--objective", "accuracy")
