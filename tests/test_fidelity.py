@@ -267,3 +267,15 @@ def test_search_on_an_unlabelled_image_folder(files, capsys):
         assert not (files / "unl2" / "study.db").exists()  # refused before any study was made
     finally:
         sys.path.remove(str(files))
+
+
+def test_search_space_objective_and_distill_loss_keys():
+    from hwprune.config import parse_search_space
+
+    space = parse_search_space({"objective": "kl", "recovery": {"distill_loss": "cosine"}}, "s", "s.yaml")
+    assert space.objective == "kl" and space.recovery.distill_loss == "cosine"
+    assert parse_search_space({}, "s", "s.yaml").recovery.distill_loss is None  # follows the objective
+    with pytest.raises(ConfigError, match="objective: 'accuracyy' is not valid; choose one of: accuracy, agreement"):
+        parse_search_space({"objective": "accuracyy"}, "s", "s.yaml")
+    with pytest.raises(ConfigError, match="distill_loss: 'mse' is not valid"):
+        parse_search_space({"recovery": {"distill_loss": "mse"}}, "s", "s.yaml")
