@@ -129,8 +129,9 @@ class HFTextModel(nn.Module):
                              f"{', '.join(names)}; fix --inputs")
         self.input_names = list(names)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(self.input_names, tensors))
+    def forward(self, *tensors: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        # positional in the spec's order (ONNX export, latency) or by name (tokenized text batches)
+        kwargs = dict(zip(self.input_names, tensors), **named)
         out = self.model(**kwargs, return_dict=True)
         if self.output == "logits":
             return out.logits

@@ -18,6 +18,7 @@ import torch
 from hwprune.atomic import atomic_path, write_text
 from hwprune.errors import RunError
 from hwprune.export import save_torch
+from hwprune.fidelity import LABELS, QUALITY_COLUMNS
 from hwprune.plan import PruningPlan, replay_plan
 from hwprune.workload import Workload
 
@@ -37,7 +38,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "state": state,
             "role": t.user_attrs.get("role", "candidate"),
             "plan_summary": m.get("plan", ""),
-            "accuracy": m.get("accuracy"),
+            # accuracy, or the fidelity figures (agreement, cosine, kl, exp_neg_kl): whichever the run measured
+            **{c: m.get(c) for c in QUALITY_COLUMNS if c in m},
             "macs": m.get("macs"),
             "params": m.get("params"),
             "bytes": m.get("bytes"),
@@ -124,7 +126,7 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]
     if budget_ms is not None:
         ax.axvline(budget_ms, ls="--", c="#c44", label=f"budget {budget_ms:g} ms")
     ax.set_xlabel(f"latency (ms, median) on {x[len(LAT_PREFIX):]}")
-    ax.set_ylabel("validation accuracy" if y == "accuracy" else "MACs kept")
+    ax.set_ylabel(LABELS.get(y, "MACs kept" if y == "macs" else y))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

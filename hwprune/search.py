@@ -1,6 +1,8 @@
 """The search: an ordinary multi-objective Optuna study over per-group pruning ratios.
 
-Objectives: validation accuracy (up) and measured latency per device profile (down), optionally MACs (down).
+Objectives: validation accuracy (up) -- or, chosen instead (``--objective``), a fidelity to the dense model on
+held-out inputs (agreement, cosine, or exp(-KL): hwprune.fidelity), up -- and measured latency per device profile
+(down), optionally MACs (down).
 Without data (latency-only work) the accuracy objective is replaced by the MACs a plan keeps (up), so the front
 holds, for each latency, the plan that keeps the most compute. The latency budget is an Optuna constraint; a trial
 over budget ends before any training and is recorded as infeasible. Trial 0 is the dense model with the same
@@ -23,6 +25,7 @@ import optuna
 
 from hwprune import storage as shared
 from hwprune.errors import BudgetError, ConfigError, RunError
+from hwprune.fidelity import OBJECTIVE_COLUMN, WORST
 from hwprune.inputs import InputSpec
 from hwprune.latency import DeviceProfile
 from hwprune.plan import PruningPlan
@@ -58,7 +61,7 @@ class SearchConfig:
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
-    names = ["accuracy" if workload.data is not None else "macs_kept"]
+    names = [OBJECTIVE_COLUMN[workload.objective] if workload.data is not None else "macs_kept"]
     names += [f"latency_ms:{p.name}" for p in profiles]
     if macs_objective and workload.data is not None:
         names.append("macs")
@@ -66,7 +69,7 @@ def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_
 
 
 def directions(names: Sequence[str]) -> List[str]:
-    return ["maximize" if n in ("accuracy", "macs_kept") else "minimize" for n in names]
+    return ["maximize" if n in WORST or n == "macs_kept" else "minimize" for n in names]
 
 
 def make_sampler(name: str, seed: int, trials: int, constrained: bool):
@@ -107,6 +110,13 @@ def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False,
             load_if_exists=True,
         )
         stored = study.user_attrs.get("objectives")
+        if stored and names and stored[0] != names[0]:
+            objective = {col: obj for obj, col in OBJECTIVE_COLUMN.items()}
+            was, now = (objective.get(n, n) for n in (stored[0], names[0]))
+            raise RunError(
+                f"study {cfg.study_name!r} optimises {was!r}, not {now!r}; resume it with the same --objective "
+                f"(and data), or use another --study name or --out"
+            )
         if stored is not None and list(stored) != list(names):
             raise RunError(
                 f"study {cfg.study_name!r} was created with objectives {stored}, not {list(names)}; use another "
@@ -148,9 +158,9 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
 def _values(outcome: TrialOutcome, names: Sequence[str], dense_macs: int) -> List[float]:
     vals = []
     for n in names:
-        if n == "accuracy":
-            # An infeasible trial is never trained; 0 is the worst accuracy and keeps the sampler informed.
-            vals.append(outcome.accuracy if outcome.accuracy is not None else 0.0)
+        if n in WORST:
+            # An infeasible trial is never trained; the objective's worst value keeps the sampler informed.
+            vals.append(outcome.score if outcome.score is not None else WORST[n])
         elif n == "macs_kept":
             vals.append(outcome.costs.macs / dense_macs)
         elif n == "macs":
@@ -361,6 +371,7 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
             study.set_user_attr(key, value)
         study.set_user_attr("image_size", workload.image_size)
         study.set_user_attr("objectives", names)
+        study.set_user_attr("objective", workload.objective)
         study.set_user_attr("model", workload.model_ref)
         study.set_user_attr("weights", workload.weights)
         study.set_user_attr("data", workload.data_ref)
@@ -519,11 +530,11 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
     trial.set_user_attr("feasible", False)
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms])
-    metrics = {"accuracy": None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
+    metrics = {OBJECTIVE_COLUMN[workload.objective]: None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
     values = []
     for n in names:
-        if n == "accuracy":
-            values.append(0.0)  # never trained: the worst accuracy, as for measured over-budget trials
+        if n in WORST:
+            values.append(WORST[n])  # never trained: the worst value, as for measured over-budget trials
         elif n == "macs_kept":
             values.append(macs / dense_macs)
         elif n == "macs":

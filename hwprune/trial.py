@@ -1,5 +1,6 @@
 """One candidate, start to finish: plan -> physically smaller model -> costs -> ONNX -> latency on every
-profile -> (stop here if over the latency budget: no training is spent on it) -> recovery -> accuracy."""
+profile -> (stop here if over the latency budget: no training is spent on it) -> recovery -> quality (accuracy, or
+fidelity to the dense model on held-out inputs: hwprune.fidelity)."""
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ from hwprune.latency import (
     onnx_architecture_hash,
 )
 from hwprune.plan import PruningPlan, apply_plan
-from hwprune.recover import evaluate, recover
+from hwprune.fidelity import OBJECTIVE_COLUMN, quality
+from hwprune.recover import recover
 from hwprune.structures.delivered import delivered_reports
 from hwprune.workload import Workload
 
@@ -184,13 +186,32 @@ class TrialOutcome:
     plan: PruningPlan
     costs: Costs
     latency: Dict[str, ProfileLatency]
-    accuracy: Optional[float] = None
+    objective: str = "accuracy"  # what ``quality`` was measured for
+    quality: Dict[str, float] = field(default_factory=dict)  # accuracy, or the fidelity figures; empty: not trained
     feasible: bool = True
     reason: str = ""
     seconds: Dict[str, float] = field(default_factory=dict)
     structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
     recovery: Optional[str] = None  # the recovery method that trained the delivered weights
     recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
+
+    @property
+    def score(self) -> Optional[float]:
+        """The value the search maximises (accuracy, agreement, cosine or exp(-kl)); None when not trained."""
+        return self.quality.get(OBJECTIVE_COLUMN[self.objective])
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.quality.get("accuracy")
+
+    def quality_metrics(self) -> Dict[str, Optional[float]]:
+        """The objective's own columns (None when not trained) and every other figure measured."""
+        cols = {"accuracy": ["accuracy"], "kl": ["kl", "exp_neg_kl"]}.get(self.objective, [self.objective])
+        return {**{c: None for c in cols}, **self.quality}
+
+    def describe_quality(self) -> str:
+        """One line of the measured quality figures, e.g. 'agreement 0.9812  cosine 0.9950  kl 0.0213'."""
+        return "  ".join(f"{k} {v:.4f}" for k, v in self.quality.items() if k != "exp_neg_kl")
 
     @property
     def macs_effective(self) -> int:
@@ -207,7 +228,8 @@ class TrialOutcome:
     def metrics(self) -> Dict[str, Any]:
         """Flat, JSON-ready metrics (units in the names)."""
         m: Dict[str, Any] = {
-            "accuracy": self.accuracy,
+            **self.quality_metrics(),
+            "objective": self.objective,
             "feasible": self.feasible,
             "reason": self.reason,
             **self.costs.to_dict(),
@@ -234,6 +256,13 @@ class TrialOutcome:
         return m
 
 
+def dense_cache_dir(workdir: Path) -> Path:
+    """Where a run keeps the dense model's held-out outputs: the run directory (trials live in RUN/trials/trial-N,
+    baselines in RUN/baselines/TAG; a single ``prune`` uses its own --out)."""
+    workdir = Path(workdir)
+    return workdir.parent.parent if workdir.parent.name in ("trials", "baselines") else workdir
+
+
 def run_trial(
     workload: Workload,
     plan: PruningPlan,
@@ -255,7 +284,7 @@ def run_trial(
     write_text(workdir / "plan.json", plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
-    outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0},
+    outcome = TrialOutcome(plan, costs, {}, objective=workload.objective, seconds={"prune": t1 - t0},
                            structures=delivered_reports(model, [r.to_dict() for r in reports]))
     dense_macs = meter.dense_macs(workload.example_input)
     macs_cut = dense_macs / outcome.macs_effective if outcome.macs_effective > 0 and dense_macs else None
@@ -270,13 +299,16 @@ def run_trial(
             if not evaluate_over_budget:
                 return outcome, model
     if train and workload.data is not None:
-        teacher = workload.model if workload.space.recovery.distill else None
+        # unlabelled data: distillation from the dense model is the only thing recovery can learn from
+        distil = workload.space.recovery.distill or not workload.data.labeled
+        teacher = workload.model if distil else None
         notes: List[str] = []
         model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed,
                         method=plan.recovery_method, log=notes.append)
         outcome.recovery = plan.recovery_method or workload.space.recovery.method[0]
         outcome.recovery_notes = notes
-        outcome.accuracy = evaluate(model, workload.data)
+        outcome.quality = quality(model, workload.model, workload.data, workload.objective,
+                                  cache_dir=dense_cache_dir(workdir))
         outcome.structures = delivered_reports(model, outcome.structures)  # what recovery delivered, not the plan
         outcome.seconds["recover"] = time.perf_counter() - t2
         with atomic_path(workdir / "state_dict.pt") as tmp:

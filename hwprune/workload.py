@@ -38,6 +38,7 @@ class Workload:
     image_size: Optional[int] = None  # images resized to this (stored in the study: export rebuilds alike)
     extra: Dict[str, object] = field(default_factory=dict)
     channel_multiple: int = 1  # what the target profiles need kept channel counts to be multiples of
+    objective: str = "accuracy"  # what candidates are scored by (hwprune.fidelity.OBJECTIVES)
     # what the model takes (hwprune/inputs.py); None: the one image input of ``input_shape``
     inputs: Optional[InputSpec] = None
     # token inputs whose length neither the spec nor a profile fixes are exported and counted at this length
@@ -150,10 +151,12 @@ def build_workload(
     log: Callable[[str], None] = print,
     trust_pickle: bool = False,
     inputs: "InputSpec | str | dict | None" = None,
+    objective: Optional[str] = None,
 ) -> Workload:
     """Load model and data, check they fit, and resolve which groups the space may prune. ``inputs`` (an
     InputSpec or its text form) names what the model takes; by default one image tensor (or, for an hf: model,
-    its token ids and attention mask)."""
+    its token ids and attention mask). ``objective`` (else the space's ``objective``, else accuracy with labels
+    and a fidelity objective without) is what trials are scored by (hwprune.fidelity)."""
     if isinstance(inputs, str):
         inputs = InputSpec.parse(inputs)
     elif isinstance(inputs, dict):  # as a study stores it
@@ -166,8 +169,16 @@ def build_workload(
         space = load_search_space(space)
     if data_ref == "none" and model_ref == "demo":
         data_ref = "mnist-5k"  # the demo model needs its data to be trained
-    data = load_dataset(data_ref, seed=seed, image_size=image_size)
-    if data is not None:
+    # text:FILE is tokenized by the model's own tokenizer (the hf: / hf-package: model's directory), at the
+    # sequence length --inputs fixes (else the default length, which the exported models then keep)
+    tokenizer_dir = str(hf_model_dir(model_ref)) if is_hf_ref(model_ref) else None
+    text_length = (inputs.sequence_length if inputs is not None else None) or DEFAULT_SEQUENCE_LENGTH
+    data = load_dataset(data_ref, seed=seed, image_size=image_size, tokenizer_dir=tokenizer_dir, seq_len=text_length)
+    token_data = data is not None and isinstance(data.val[0][0], dict)  # text: dicts of named token tensors
+    if token_data and inputs is None and not is_hf_ref(model_ref):
+        raise ModelError(f"data {data.name!r} holds token ids; give a model that takes them (--model hf:DIR or "
+                         f"hf-package:PKG, or --inputs input_ids:int64,attention_mask:int64)")
+    if data is not None and not token_data:
         if input_shape is not None and tuple(input_shape) != tuple(data.input_shape):
             raise ModelError(
                 f"--input-shape {tuple(input_shape)} differs from the shape of data {data.name!r} "
@@ -178,22 +189,32 @@ def build_workload(
         input_shape = (3, 224, 224)
     input_shape = tuple(int(v) for v in input_shape)
 
+    if model_ref == "demo" and data is not None and not data.labeled and not weights:
+        raise ModelError(f"the demo model is trained on labelled data, and data {data.name!r} has none; give "
+                         f"--weights of a trained demo model or bring your own --model")
+    classes = data.num_classes if data is not None and data.labeled else None  # unlabelled: the model's own
     if model_ref == "demo":
         if weights:
-            model = load_model("demo", weights=weights, num_classes=data.num_classes, in_channels=input_shape[0])
+            model = load_model("demo", weights=weights, num_classes=classes, in_channels=input_shape[0])
         else:
             cache = Path(run_dir or ".") / "demo_model.pt"
             model = load_or_train_demo(cache, data, seed=seed, log=log)
     else:
-        model = load_model(model_ref, weights=weights, num_classes=data.num_classes if data else None,
+        model = load_model(model_ref, weights=weights, num_classes=classes,
                            trust_pickle=trust_pickle)
     model.eval()
     if inputs is None and is_hf_ref(model_ref):
         inputs = default_input_spec(model)
     if inputs is not None:
-        if data is not None:
+        if data is not None and not token_data:
             raise ModelError(f"the model takes {inputs.to_text()} (--inputs), but data {data.name!r} feeds one "
-                             f"image tensor; use --data none with named (token) inputs")
+                             f"image tensor; use --data none or text:FILE with named (token) inputs")
+        if token_data:
+            fed = tuple(data.val[0][0])
+            if set(inputs.names) - set(fed):
+                raise ModelError(f"the model takes {', '.join(inputs.names)}, but data {data.name!r} gives "
+                                 f"{', '.join(fed)}; fix --inputs")
+            inputs = inputs.with_sequence_length(text_length)  # the length the texts were tokenized to
         if hasattr(model, "set_input_names"):  # an hf: model takes its inputs in the spec's order
             model.set_input_names(inputs.names)
         inputs = inputs.with_vocab(vocab_size(model))
@@ -202,8 +223,10 @@ def build_workload(
     what = f"data {data.name!r}" if data is not None else ("--inputs" if inputs is not None else "--input-shape")
     example = check_input(model, spec, what)
     with torch.no_grad():
-        num_outputs = call_model(model, example).shape[1]
-    if data is not None and num_outputs != data.num_classes:
+        output_shape = tuple(call_model(model, example).shape)
+    num_outputs = output_shape[1]
+    space, objective = _with_objective(space, objective, data, output_shape)
+    if data is not None and data.labeled and num_outputs != data.num_classes:
         raise ModelError(
             f"the model has {num_outputs} outputs but data {data.name!r} has {data.num_classes} classes; "
             f"use a model built for {data.num_classes} classes"
@@ -235,4 +258,19 @@ def build_workload(
         )
     structure_layers = space.structure_layers(all_names)
     return Workload(model_ref, model, data, space, tuple(input_shape), groups, ignored, structure_layers, weights,
-                    data_ref, image_size=image_size, inputs=inputs)
+                    data_ref, image_size=image_size, inputs=inputs, objective=objective)
+
+
+def _with_objective(space: SearchSpace, requested: Optional[str], data: Optional[DataBundle], output_shape):
+    """(the space with its distillation loss fitted to the objective, the objective)."""
+    from hwprune.errors import ConfigError
+    from hwprune.fidelity import resolve_objective
+
+    objective = resolve_objective(requested or space.objective, None if data is None else data.labeled, output_shape)
+    if data is not None and not data.labeled and space.importance == "taylor":
+        raise ConfigError(f"search space {space.name!r} ranks channels by 'taylor', which needs labels, and data "
+                          f"{data.name!r} has none; use importance l1 or l2")
+    if space.recovery.distill_loss is None:
+        loss = "cosine" if objective == "cosine" else "kl"
+        space = dataclasses.replace(space, recovery=dataclasses.replace(space.recovery, distill_loss=loss))
+    return space, objective
