@@ -259,3 +259,44 @@ def test_labelled_image_data_with_token_inputs_is_one_line(bert_dir, tmp_path, p
     proc = run_cli(["prune", "--model", f"hf:{bert_dir}", "--data", "digits", "--ratio", "0.5", "--search-space",
                     "filters", "--profile", str(profile_file), "--out", str(tmp_path / "o")], tmp_path)
     assert_one_error_line(proc, "the model takes input_ids:int64::100,attention_mask:int64", "--data none")
+
+
+def _tokenizer_into(model_dir, words):
+    """A real WordPiece tokenizer over a small vocabulary, saved beside the tiny model (as a model directory has)."""
+    from transformers import BertTokenizerFast
+
+    vocab = model_dir / "vocab-src.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(model_dir))
+
+
+def test_cli_search_a_text_model_on_unlabelled_texts_by_cosine(tmp_path, profile_file, space_file):
+    """The label-free path a sentence-encoder user takes: hf:DIR + text:FILE + --objective cosine."""
+    import shutil
+
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "encoder"
+    BertModel(tiny_bert_config()).save_pretrained(str(model_dir))
+    words = "the a model runs fast small device latency prune head layer text one two three".split()
+    _tokenizer_into(model_dir, words)
+    rng = np.random.default_rng(0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(60)) + "\n\n")
+    out = tmp_path / "run"
+    args = ["search", "--model", f"hf:{model_dir}", "--data", f"text:{texts}", "--inputs",
+            "input_ids:int64:16,attention_mask:int64:16", "--objective", "cosine", "--search-space", str(space_file),
+            "--profile", str(profile_file), "--trials", "3", "--out", str(out), "--verify-rounds", "1",
+            "--no-progress"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    header = (out / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "cosine" in header and "accuracy" not in header
+    metrics = json.loads(next((out / "models").glob("trial-*/metrics.json")).read_text())
+    assert 0.0 < metrics["cosine"] <= 1.0 + 1e-6 and metrics["input_shape"] == [1, 16]
+    # accuracy needs labels: refused in one line
+    shutil.rmtree(out)
+    proc = run_cli(args[:args.index("--objective")] + ["--objective", "accuracy"] + args[args.index("cosine") + 1:],
+                   tmp_path)
+    assert_one_error_line(proc, "accuracy")
