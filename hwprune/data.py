@@ -7,7 +7,7 @@ References accepted by ``--data``:
   torchvision:CLASS:ROOT   a torchvision dataset already on disk at ROOT (download=False)
   images:PATH              unlabelled images anywhere under PATH (no class sub-folders), resized like imagefolder
   text:FILE                unlabelled texts, one per line (UTF-8, blank lines skipped), tokenized with the model's
-                           tokenizer (``tokenizer_dir``) to ``seq_len`` tokens
+                           tokenizer (``tokenizer_dir``) (at most ``seq_len`` tokens)
   none                     no data: latency/MACs-only searches
 The validation split is stratified (for unlabelled data: a random permutation), fixed by ``seed``, and never trained
 on. Unlabelled samples come as (input, NO_LABEL) pairs so every loader reads alike; ``DataBundle.labeled`` says
@@ -37,7 +37,7 @@ class DataBundle:
     name: str
     train: Dataset
     val: Dataset
-    input_shape: Tuple[int, ...]  # one sample, without the batch dimension (text: (seq_len,))
+    input_shape: Tuple[int, ...]  # one sample, without the batch dimension (text: (tokens of the longest text,))
     num_classes: int  # 0 for unlabelled data
     labeled: bool = True
 
@@ -197,7 +197,7 @@ def _images(path: str, image_size: int, val_fraction: float, seed: int) -> DataB
 
 
 class TokenizedTexts(Dataset):
-    """Texts tokenized once, as ({"input_ids", "attention_mask"}, NO_LABEL) of ``seq_len`` tokens each."""
+    """Texts tokenized once, as ({"input_ids", "attention_mask"}, NO_LABEL), padded to the longest (<= seq_len)."""
 
     INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -244,8 +244,12 @@ def _texts(path: str, tokenizer_dir: Optional[str], seq_len: int, val_fraction: 
         raise DataError(f"text file {path!r} has {len(texts)} non-blank lines; at least 2 are needed for a "
                         f"train/held-out split")
     tok = load_tokenizer(tokenizer_dir)
-    encoded = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    return _unlabeled_bundle(f"text:{path}", TokenizedTexts(encoded), val_fraction, seed, (seq_len,))
+    # Padded only to the longest text (at most seq_len): masked positions change no output of an encoder with an
+    # attention mask, and short sentences padded to 128 would make recovery and fidelity several times slower.
+    # Latency and export still use the full sequence length of the input spec.
+    encoded = tok(texts, padding="longest", truncation=True, max_length=seq_len, return_tensors="pt")
+    length = int(encoded["input_ids"].shape[1])
+    return _unlabeled_bundle(f"text:{path}", TokenizedTexts(encoded), val_fraction, seed, (length,))
 
 
 def load_dataset(

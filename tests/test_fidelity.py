@@ -126,18 +126,21 @@ def test_text_file_tokenized_with_the_real_minilm_tokenizer(tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("\n".join(texts), encoding="utf-8")
     data = load_dataset(f"text:{f}", val_fraction=0.34, seed=0, tokenizer_dir=str(MINILM_DIR), seq_len=12)
-    assert not data.labeled and data.input_shape == (12,)
-    assert len(data.train) + len(data.val) == 6 and len(data.val) == 2  # two blank lines skipped
-    x, y = data.train[0]
-    assert set(x) == {"input_ids", "attention_mask"} and y == NO_LABEL
-    assert x["input_ids"].shape == (12,)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(MINILM_DIR), local_files_only=True)
+    longest = min(12, max(len(tok(t)["input_ids"]) for t in texts if t.strip()))  # padded to the longest, capped
+    assert not data.labeled and data.input_shape == (longest,)
+    assert len(data.train) + len(data.val) == 6 and len(data.val) == 2  # two blank lines skipped
+    x, y = data.train[0]
+    assert set(x) == {"input_ids", "attention_mask"} and y == NO_LABEL
+    assert x["input_ids"].shape == (longest,)
     first = data.train.dataset.encoded["input_ids"][0]
     assert tok.decode(first[first != tok.pad_token_id], skip_special_tokens=True) == "the cat sat on the mat"
     batch, _ = next(iter(data.loader("train", 4)))
-    assert batch["input_ids"].shape == (4, 12) and batch["attention_mask"].shape == (4, 12)
+    assert batch["input_ids"].shape == (4, longest) and batch["attention_mask"].shape == (4, longest)
+    short = load_dataset(f"text:{f}", val_fraction=0.34, seed=0, tokenizer_dir=str(MINILM_DIR), seq_len=4)
+    assert short.input_shape == (4,)  # truncated to the sequence length
     with pytest.raises(DataError, match="tokenizer"):
         load_dataset(f"text:{f}")
     bad = tmp_path / "latin1.txt"
