@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from hwprune import adapters
 from hwprune.atomic import atomic_path
 from hwprune.errors import ModelError
 
@@ -20,7 +21,8 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(*input_shape)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+        # adapters.exporting: ops the exporter supports in place of fused ones (hwprune/adapters, same values)
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, adapters.exporting(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model.eval(), (x,), str(tmp), input_names=["input"], output_names=["output"],

@@ -144,6 +144,7 @@ def build_workload(
     ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
     groups = [g for g in graph.list_groups(model, example, ignored) if space.matches(g.name)]
+    _report_auto_ignored(graph.auto_ignored(model), ignored, log)
     if not groups:
         raise ModelError(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
@@ -152,3 +153,13 @@ def build_workload(
     structure_layers = space.structure_layers(all_names)
     return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref,
                     image_size=image_size)
+
+
+def _report_auto_ignored(reasons: Dict[str, str], ignored: Sequence[str], log: Callable[[str], None]) -> None:
+    """hwprune/adapters keep some layers' widths (never a silent skip): say how many and why."""
+    by_reason: Dict[str, int] = {}
+    for name, reason in reasons.items():
+        if name not in ignored:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    for reason, count in by_reason.items():
+        log(f"{count} layers kept automatically (their output width is not pruned): {reason}")

@@ -4,7 +4,7 @@
 a replay all rebuild the same model. An adapter is selected by the module types present in the model and may
 - ignore layers automatically, each with a reason that is reported (``auto_ignored``), never skip a model;
 - declare channel groups (attention heads), so every head loses the same dimensions (``channel_groups``);
-- swap an op for a traceable equivalent while torch-pruning traces (``tracing``);
+- swap an op for a traceable equivalent while torch-pruning traces (``tracing``) or while exporting (``exporting``);
 - bring shape attributes in sync with the pruned weights (``fixup_after_pruning``: usable by any code that
   changes widths, e.g. hwprune/transformer_groups.py).
 """
@@ -29,7 +29,7 @@ ADAPTERS: List[Adapter] = [
     MaxVitAdapter(),
 ]
 
-__all__ = ["ADAPTERS", "Adapter", "ROOT_TYPES", "adapters_for", "auto_ignored", "channel_groups", "tracing",
+__all__ = ["ADAPTERS", "Adapter", "ROOT_TYPES", "adapters_for", "auto_ignored", "channel_groups", "tracing", "exporting",
            "fixup_after_pruning"]
 
 
@@ -58,6 +58,15 @@ def tracing(model: nn.Module) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for a in adapters_for(model):
             stack.enter_context(a.tracing(model))
+        yield
+
+
+@contextlib.contextmanager
+def exporting(model: nn.Module) -> Iterator[None]:
+    """The context hwprune.export exports in (same values, ops the ONNX exporter supports)."""
+    with contextlib.ExitStack() as stack:
+        for a in adapters_for(model):
+            stack.enter_context(a.exporting(model))
         yield
 
 

@@ -41,5 +41,9 @@ class Adapter:
         """A context in which torch-pruning traces the model (e.g. an op swapped for a traceable equivalent)."""
         return contextlib.nullcontext()
 
+    def exporting(self, model: nn.Module) -> ContextManager:
+        """A context in which the model is exported to ONNX (e.g. a fused kernel the exporter lacks turned off)."""
+        return contextlib.nullcontext()
+
     def fixup(self, model: nn.Module) -> None:
         """Bring attributes that shapes are computed from in sync with the pruned weights (idempotent)."""
