@@ -74,6 +74,22 @@ def timing_settings(gmacs: float):
     return MeasureSettings(warmup=5, min_repeats=10, max_repeats=100, time_cap_s=5.0)
 
 
+def redraw_zero_layers(model) -> List[str]:
+    """Draw every all-zero conv/linear weight at random (std 0.02). torchvision zero-initialises some classifiers
+    (ViT's head): random-init outputs would then be all zero and the ONNX comparison would test nothing."""
+    import torch
+
+    from hwprune.graph import ROOT_TYPES
+
+    names = []
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, ROOT_TYPES) and not m.weight.any():
+                m.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+                names.append(n)
+    return names
+
+
 def _peak_rss_gib() -> float:
     import resource
 
@@ -124,6 +140,7 @@ def check_model(name: str, ratio: float, skip_gmacs: float, threads: int = 1, pr
                                    f"--skip-larger-than-gmacs {skip_gmacs:g}")
     try:
         model = load_model(f"torchvision:{name}")
+        row["zero_init_redrawn"] = redraw_zero_layers(model)
         with torch.no_grad():
             y_dense = model(x)
         row["macs_before"] = count_macs(model, x)
@@ -240,7 +257,9 @@ def write_table(rows: List[Dict[str, object]], path: str, args) -> None:
         f"`hwprune.export.to_onnx` + ONNX Runtime CPU compared with PyTorch (ONNX == PyTorch: max abs difference "
         f"<= {ATOL:g} + {RTOL:g} x max |output|; *rel diff* = max abs difference / max |output|). Latency: dense "
         f"and pruned ONNX each timed alone in a fresh process on `{args.profile}` (median ms). *peak RSS*: the "
-        f"model's process or its timing workers, whichever is larger. Each row records the commit it ran at.",
+        f"model's process or its timing workers, whichever is larger. Each row records the commit it ran at. All-zero "
+        f"conv/linear weights (torchvision's zero-initialised ViT heads) are drawn at random first, so that outputs "
+        f"depend on the whole network.",
         "",
         f"Command: `python scripts/check_torchvision_coverage.py {' '.join(sys.argv[1:])}`",
         "",

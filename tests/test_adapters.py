@@ -16,8 +16,10 @@ from hwprune.export import to_onnx
 def tiny_vit():
     from torchvision.models import VisionTransformer
 
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                             num_classes=10), 32
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zero-initialises it: outputs would all be 0
+    return model, 32
 
 
 def tiny_swin(v2: bool = False):
@@ -75,7 +77,7 @@ def test_prunes_runs_exports_and_replays(name, tmp_path):
     assert sum(p.numel() for p in pruned.parameters()) < params, "nothing was removed"
     with torch.no_grad():
         y = pruned(x)
-    assert y.shape == (1, 10) and torch.isfinite(y).all()
+    assert y.shape == (1, 10) and torch.isfinite(y).all() and y.abs().max() > 0
 
     path = to_onnx(pruned, tuple(x.shape), tmp_path / f"{name}.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -148,3 +150,13 @@ def test_build_workload_reports_automatically_ignored_layers(tmp_path, monkeypat
     names = {g.name for g in workload.groups}
     assert names and all(n.endswith(".mlp.0") for n in names)
     assert any("automatically" in ln and "Swin" in ln for ln in lines), lines
+
+
+def test_swin_patch_merging_stand_in_matches_torchvision():
+    """The concat torch-pruning traces (positive dim) gives torchvision's values, odd sizes padded alike."""
+    import torchvision.models.swin_transformer as tv_swin
+
+    from hwprune.adapters.swin import _patch_merging_pad_positive_dim
+
+    x = torch.randn(2, 7, 5, 3)
+    torch.testing.assert_close(_patch_merging_pad_positive_dim(x), tv_swin._patch_merging_pad(x))

@@ -8,12 +8,22 @@ groups are also not prunable as torch-pruning would build them (its mapping is w
 pruning must keep ``qkv``, ``proj``, ``num_heads`` and the relative-position bias tables consistent, which is
 hwprune/transformer_groups.py's job. So the residual width, ``qkv``/``proj``, patch merging and v2's continuous
 position-bias MLP are ignored automatically (and reported), and the groups left contain no window view at all.
+
+Patch merging concatenates its four strided slices along dim -1. torch-pruning reads the saved dim -1 as an
+uninitialised value (2**64 - 1), treats the concat as a channel concat and, when its recursive channel inference
+gives up (deep stages: swin_s/swin_b, swin_v2_s/b), adds None to an int (TypeError while building the graph).
+While torch-pruning traces, the same concat runs with its dim written as a positive number (3), which it reads
+correctly as "not the channel dim": patch merging is kept in full anyway.
 """
 from __future__ import annotations
 
-from typing import Dict
+import contextlib
+from typing import Dict, Iterator
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models.swin_transformer as tv_swin
 from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 from hwprune.adapters.base import Adapter, all_roots_except
@@ -33,3 +43,20 @@ class SwinAdapter(Adapter):
 
     def ignored(self, model: nn.Module) -> Dict[str, str]:
         return all_roots_except(model, swin_mlp_inputs(model), SWIN_REASON)
+
+    @contextlib.contextmanager
+    def tracing(self, model: nn.Module) -> Iterator[None]:
+        original = tv_swin._patch_merging_pad
+        tv_swin._patch_merging_pad = _patch_merging_pad_positive_dim
+        try:
+            yield
+        finally:
+            tv_swin._patch_merging_pad = original
+
+
+def _patch_merging_pad_positive_dim(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_patch_merging_pad`` (same values) with the concat dim as a non-negative index."""
+    h, w = x.shape[-3], x.shape[-2]
+    x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+    parts = [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]]
+    return torch.cat(parts, dim=x.dim() - 1)
