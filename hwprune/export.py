@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from hwprune import adapters
 from hwprune.atomic import atomic_path
 from hwprune.costs import positional
 from hwprune.errors import ModelError
@@ -30,7 +31,8 @@ def to_onnx(model: nn.Module, input_shape: "Sequence[int] | InputSpec", path: Pa
     model, example = positional(model, example)  # keyword convention: through an adapter, in the spec's order
     args = example if isinstance(example, tuple) else (example,)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+        # adapters.exporting: ops the exporter supports in place of fused ones (hwprune/adapters, same values)
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, adapters.exporting(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model.eval(), args, str(tmp), input_names=names, output_names=["output"],

@@ -3,6 +3,9 @@ graphs ourselves).
 
 A *group* is a set of coupled channels that must be removed together (conv -> BN -> residual add -> the next
 convs' input channels). Groups are named by their root module's qualified name, which is what plans store.
+
+Architecture adapters (hwprune/adapters) supply what torch-pruning cannot infer (layers to keep, attention head
+counts, a traceable stand-in for an op, attribute fix-ups after pruning); they apply on every path here.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from hwprune import adapters
+from hwprune.adapters import ROOT_TYPES, auto_ignored, fixup_after_pruning
 from hwprune.errors import ModelError
 from hwprune.rounding import ratio_keeping_round_to
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+__all__ = ["ROOT_TYPES", "PrunableGroup", "auto_ignored", "build_graph", "list_groups", "prune_groups", "replay",
+           "channel_counts", "global_ratios", "fixup_after_pruning"]
 
 
 def _tp():
@@ -43,10 +49,21 @@ def _modules_by_name(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
     return [table[n] for n in names if n in table]
 
 
+def _ignored_modules(model: nn.Module, ignored: Sequence[str]) -> List[nn.Module]:
+    """The user's ignored layers plus those the architecture adapters keep."""
+    return _modules_by_name(model, list(dict.fromkeys(list(ignored) + list(auto_ignored(model)))))
+
+
+def _group_options(model: nn.Module) -> dict:
+    # Fresh dicts on every call: torch-pruning's defaults for these are shared mutable dicts that it updates.
+    return {"out_channel_groups": adapters.channel_groups(model), "in_channel_groups": {}, "num_heads": {}}
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor):
     tp = _tp()
     try:
-        with torch.enable_grad(), warnings.catch_warnings():  # torch-pruning traces autograd; it needs grad on
+        # torch-pruning traces autograd, so it needs grad on
+        with torch.enable_grad(), warnings.catch_warnings(), adapters.tracing(model):
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     except Exception as e:
@@ -61,7 +78,7 @@ def list_groups(
     names = _names(model)
     groups = []
     seen = set()
-    for group in dg.get_all_groups(ignored_layers=_modules_by_name(model, ignored), root_module_types=ROOT_TYPES):
+    for group in dg.get_all_groups(ignored_layers=_ignored_modules(model, ignored), root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         name = names.get(root)
         if name is None or name in seen:
@@ -127,7 +144,7 @@ def prune_groups(
     ratio_dict = {table[n]: _keep_at_least_round_to(table[n], float(r), round_to) for n, r in ratios.items() if r > 0}
     if not ratio_dict:
         return model, []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), adapters.tracing(model):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
             model,
@@ -135,9 +152,10 @@ def prune_groups(
             importance=_importance(criterion),
             pruning_ratio=0.0,
             pruning_ratio_dict=ratio_dict,
-            ignored_layers=_modules_by_name(model, ignored),
+            ignored_layers=_ignored_modules(model, ignored),
             round_to=round_to,
             root_module_types=list(ROOT_TYPES),
+            **_group_options(model),
         )
         if criterion == "taylor":
             if calibration is None:
@@ -148,6 +166,7 @@ def prune_groups(
                 torch.nn.functional.cross_entropy(model(x), y).backward()
         pruner.step()
         model.zero_grad(set_to_none=True)
+    fixup_after_pruning(model)
     return model.eval(), _jsonable(pruner.pruning_history())
 
 
@@ -164,6 +183,7 @@ def replay(model: nn.Module, example_input: torch.Tensor, history: list, inplace
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dg.load_pruning_history([(n, o, list(i)) for n, o, i in history])
+        fixup_after_pruning(model)
     return model.eval()
 
 
@@ -195,12 +215,12 @@ def global_ratios(
     pruned = copy.deepcopy(model).eval()
     table = dict(pruned.named_modules())
     before = {g: int(getattr(table[g], "out_channels", getattr(table[g], "out_features", 0))) for g in groups}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), adapters.tracing(pruned):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(
             pruned, example_input, importance=_importance(criterion), global_pruning=True, pruning_ratio=ratio,
-            max_pruning_ratio=max_group_ratio, ignored_layers=_modules_by_name(pruned, ignored), round_to=round_to,
-            root_module_types=list(ROOT_TYPES),
+            max_pruning_ratio=max_group_ratio, ignored_layers=_ignored_modules(pruned, ignored), round_to=round_to,
+            root_module_types=list(ROOT_TYPES), **_group_options(pruned),
         )
         pruner.step()
     after = channel_counts(pruned)

@@ -251,6 +251,7 @@ def build_workload(
                 f"split into heads)")
         groups = [g for g in groups if g.name not in loose]
     # (transformer groups: attention heads, MLP width, depth, join ``groups`` here; see transformer_groups.py)
+    _report_auto_ignored(graph.auto_ignored(model), ignored, log)
     if not groups:
         raise ModelError(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
@@ -274,3 +275,13 @@ def _with_objective(space: SearchSpace, requested: Optional[str], data: Optional
         loss = "cosine" if objective == "cosine" else "kl"
         space = dataclasses.replace(space, recovery=dataclasses.replace(space.recovery, distill_loss=loss))
     return space, objective
+
+
+def _report_auto_ignored(reasons: Dict[str, str], ignored: Sequence[str], log: Callable[[str], None]) -> None:
+    """hwprune/adapters keep some layers' widths (never a silent skip): say how many and why."""
+    by_reason: Dict[str, int] = {}
+    for name, reason in reasons.items():
+        if name not in ignored:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    for reason, count in by_reason.items():
+        log(f"{count} layers kept automatically (their output width is not pruned): {reason}")
