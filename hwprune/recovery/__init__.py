@@ -8,6 +8,7 @@ produced (BN recalibrated), and delivers a model whose masked layers meet their 
   dpu        dynamic masks recomputed every k steps, straight-through gradients (DPU; one_stage or multi_step)
   admm       ADMM towards the structure's constraint set (unify: Lin et al.), hard projection, masked fine-tuning
   cdp_dtc    learnable group skeleton with CDP's penalty and the dynamic threshold container, then fine-tuning
+  reconstruct  least-squares refit of the layers consuming pruned heads/channels (Kwon et al. 2022), then fine-tuning
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _register() -> None:
     from hwprune.recovery.dpu import Dpu
     from hwprune.recovery.finetune import Finetune
     from hwprune.recovery.iterative import Iterative
+    from hwprune.recovery.reconstruct import Reconstruct
 
-    for cls in (Finetune, Iterative, Dpu, Admm, CdpDtc):
+    for cls in (Finetune, Iterative, Dpu, Admm, CdpDtc, Reconstruct):
         _METHODS[cls.name] = cls()
 
 
