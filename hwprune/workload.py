@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from hwprune import graph
+from hwprune import graph, transformer_groups
 from hwprune.config import SearchSpace, load_search_space
 from hwprune.data import DataBundle, load_dataset
 from hwprune.errors import ModelError
@@ -140,10 +140,11 @@ def build_workload(
 
     layer_names = [n for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES)]
     all_names = [n for n, _ in model.named_modules() if n]
-    space.check_patterns(layer_names, all_names)
+    structure_groups = _transformer_groups(model, example, space)
+    space.check_patterns(layer_names + [g.name for g in structure_groups], all_names)
     ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
-    groups = [g for g in graph.list_groups(model, example, ignored) if space.matches(g.name)]
+    groups = transformer_groups.select(space, graph.list_groups(model, example, ignored), structure_groups)
     if not groups:
         raise ModelError(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
@@ -152,3 +153,11 @@ def build_workload(
     structure_layers = space.structure_layers(all_names)
     return Workload(model_ref, model, data, space, input_shape, groups, ignored, structure_layers, weights, data_ref,
                     image_size=image_size)
+
+
+def _transformer_groups(model: nn.Module, example, space: SearchSpace) -> List[graph.PrunableGroup]:
+    """Heads, MLP widths and block lists (``heads:``/``mlp:``/``depth:`` groups), discovered only when the space
+    names one of these kinds: other spaces and models pay nothing for them."""
+    if not any(":" in p for p in (*space.prunable, *space.ignore)):
+        return []
+    return transformer_groups.list_groups(model, example, graph.list_groups(model, example))
