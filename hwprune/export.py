@@ -1,6 +1,7 @@
 """Writing a model out: ONNX (what devices run) and the PyTorch module (what users fine-tune further)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(*input_shape)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, _no_mha_fastpath():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model.eval(), (x,), str(tmp), input_names=["input"], output_names=["output"],
@@ -29,6 +30,17 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     except Exception as e:
         raise ModelError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return path
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention's inference fast path (one fused op) has no ONNX export; its plain path has."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def save_torch(model: nn.Module, path: Path) -> Path:

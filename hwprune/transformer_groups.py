@@ -440,6 +440,13 @@ def select(space, channel_groups: Sequence, structure_groups: Sequence) -> list:
     return channels + chosen
 
 
+def _check_removed(group: str, removed: Sequence[int], total: int, what: str) -> None:
+    if len(set(removed)) != len(removed) or not all(isinstance(i, int) and 0 <= i < total for i in removed) \
+            or len(removed) >= total:
+        raise ModelError(f"plan removes {what} {list(removed)} of {group!r}, which has {total} {what}: give distinct "
+                         f"positions 0..{total - 1}, at least one kept (was the plan made for another model?)")
+
+
 def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: str = "l1",
           removed: Optional[Dict[str, List[int]]] = None) -> Tuple[nn.Module, Dict[str, float], Dict[str, List[int]]]:
     """Drop blocks, then remove heads, on a copy of ``model``. ``removed``: the heads / block positions to remove
@@ -463,6 +470,7 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
         if removed is None:
             order = sorted(range(len(children)), key=lambda i: (float(scores[i]), i))
             record[name] = sorted(order[:count_removed(wanted[name], len(children))])
+        _check_removed(name, record[name], len(children), "blocks")
         for i in record[name]:
             _set_module(model, children[i], SkippedBlock(tuples[i]))
             dropped.append(children[i])
@@ -480,6 +488,7 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
             scores = head_importance(a, criterion)
             order = sorted(range(a.num_heads), key=lambda i: (float(scores[i]), i))
             record[name] = sorted(order[:count_removed(wanted[name], a.num_heads)])
+        _check_removed(name, record[name], a.num_heads, "heads")
         if record[name]:
             a.remove(record[name])
     for name, r in ratios.items():
