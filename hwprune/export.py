@@ -21,7 +21,7 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(*input_shape)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, _no_mha_fastpath():
+        with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, no_mha_fastpath():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model.eval(), (x,), str(tmp), input_names=["input"], output_names=["output"],
@@ -33,8 +33,9 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _no_mha_fastpath():
-    """nn.MultiheadAttention's inference fast path (one fused op) has no ONNX export; its plain path has."""
+def no_mha_fastpath():
+    """nn.MultiheadAttention's inference fast path (one fused op) has no ONNX export and no MAC count in fvcore;
+    its plain path (the same results) has both."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
