@@ -279,7 +279,187 @@ class _TorchMultiheadAttention(_Attention):
         m.num_heads -= len(set(heads))
 
 
-_ATTENTION_KINDS = (_HFSelfAttention, _TorchMultiheadAttention)
+# --- torchvision Swin (V1, V2) and MaxViT window attention: their forwards derive the head width from the embedding
+# width, so a module with fewer heads becomes a subclass whose forward uses ``num_heads * head_dim`` instead.
+
+
+def _swin_classes():
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+    return ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+
+def _window_mask(pad_h: int, pad_w: int, window, shift, device) -> torch.Tensor:
+    """The shifted-window attention mask: -100 between tokens that came from different regions before the roll."""
+    region = torch.zeros((pad_h, pad_w), device=device)
+    count = 0
+    for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
+    region = region.reshape(-1, window[0] * window[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def _shifted_window_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's shifted window attention (V1, or V2 with ``logit_scale``) with ``module.num_heads`` heads of
+    ``module.head_dim`` features, independent of the embedding width."""
+    batch, height, width, channels = x.shape
+    window, shift = module.window_size, list(module.shift_size)
+    x = F.pad(x, (0, 0, 0, (window[1] - width % window[1]) % window[1], 0, (window[0] - height % window[0]) % window[0]))
+    _, pad_h, pad_w, _ = x.shape
+    shift = [0 if window[i] >= (pad_h, pad_w)[i] else shift[i] for i in range(2)]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = (pad_h // window[0]) * (pad_w // window[1])
+    x = x.view(batch, pad_h // window[0], window[0], pad_w // window[1], window[1], channels)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, window[0] * window[1], channels)
+    heads, head_dim = module.num_heads, module.head_dim
+    logit_scale = getattr(module, "logit_scale", None)
+    qkv_bias = module.qkv.bias
+    if logit_scale is not None and qkv_bias is not None:  # V2 has no key bias
+        qkv_bias = torch.cat([qkv_bias[:heads * head_dim], torch.zeros_like(qkv_bias[heads * head_dim:2 * heads * head_dim]),
+                              qkv_bias[2 * heads * head_dim:]])
+    qkv = F.linear(x, module.qkv.weight, qkv_bias).reshape(x.size(0), x.size(1), 3, heads, head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + module.get_relative_position_bias()
+    if sum(shift) > 0:
+        mask = _window_mask(pad_h, pad_w, window, shift, x.device)
+        attn = attn.view(x.size(0) // windows, windows, heads, x.size(1), x.size(1)) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, x.size(1), x.size(1))
+    attn = F.dropout(attn.softmax(-1), p=module.attention_dropout, training=module.training)
+    x = (attn @ v).transpose(1, 2).reshape(x.size(0), x.size(1), heads * head_dim)
+    x = F.dropout(module.proj(x), p=module.dropout, training=module.training)
+    x = x.view(batch, pad_h // window[0], pad_w // window[1], window[0], window[1], channels)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, pad_h, pad_w, channels)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
+
+
+def _maxvit_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision MaxViT's relative positional attention with ``module.n_heads`` heads of ``module.head_dim``."""
+    b, g, p, _ = x.shape
+    heads, head_dim = module.n_heads, module.head_dim
+    q, k, v = (t.reshape(b, g, p, heads, head_dim).permute(0, 1, 3, 2, 4)
+               for t in torch.chunk(module.to_qkv(x), 3, dim=-1))
+    attn = (q @ (k * module.scale_factor).transpose(-2, -1) + module.get_relative_positional_bias()).softmax(-1)
+    return module.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * head_dim))
+
+
+_PRUNED_CLASSES: Dict[str, type] = {}
+
+
+def _window_attention_bases() -> Dict[str, Tuple[type, object]]:
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    v1, v2 = _swin_classes()
+    return {"HeadPrunedShiftedWindowAttention": (v1, _shifted_window_attention),
+            "HeadPrunedShiftedWindowAttentionV2": (v2, _shifted_window_attention),
+            "HeadPrunedRelativePositionalMultiHeadAttention": (RelativePositionalMultiHeadAttention, _maxvit_attention)}
+
+
+def __getattr__(name: str) -> type:
+    """The head-pruned window-attention classes, built on first use (also when a saved model is unpickled)."""
+    if name not in _PRUNED_CLASSES:
+        bases = _window_attention_bases()
+        if name not in bases:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        base, forward = bases[name]
+        _PRUNED_CLASSES[name] = type(name, (base,), {"forward": lambda self, x: forward(self, x),
+                                                     "__module__": __name__, "__qualname__": name})
+    return _PRUNED_CLASSES[name]
+
+
+def _head_pruned_class(module: nn.Module) -> type:
+    if type(module).__name__.startswith("HeadPruned"):
+        return type(module)
+    return __getattr__(f"HeadPruned{type(module).__name__}")
+
+
+class _WindowAttention(_Attention):
+    """torchvision Swin ``ShiftedWindowAttention`` (V1/V2) and MaxViT ``RelativePositionalMultiHeadAttention``: one
+    packed q/k/v linear, an output linear, and per-head position biases (V1, MaxViT: a table column per head; V2: the
+    continuous-bias MLP's output row per head and a per-head logit scale)."""
+
+    @staticmethod
+    def _kind(module: nn.Module) -> Optional[str]:
+        try:
+            from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+        except ImportError:  # pragma: no cover
+            return None
+        if isinstance(module, _swin_classes()):
+            return "swin"
+        if isinstance(module, RelativePositionalMultiHeadAttention):
+            return "maxvit"
+        return None
+
+    @staticmethod
+    def matches(model: nn.Module, name: str, module: nn.Module) -> bool:
+        return _WindowAttention._kind(module) is not None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.get_submodule(self.name)
+
+    @property
+    def _swin(self) -> bool:
+        return self._kind(self.module) == "swin"
+
+    @property
+    def num_heads(self) -> int:
+        return self.module.num_heads if self._swin else self.module.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        m = self.module
+        return getattr(m, "head_dim", None) or m.proj.in_features // m.num_heads
+
+    @property
+    def _linears(self) -> Tuple[str, str]:
+        return ("qkv", "proj") if self._swin else ("to_qkv", "merge")
+
+    @property
+    def members(self) -> Tuple[str, ...]:
+        return (self.name, *(f"{self.name}.{p}" for p in self._linears))
+
+    def projections(self):
+        packed, out = (getattr(self.module, p) for p in self._linears)
+        q, k, v = (_slice_linear(packed, torch.arange(i * out.in_features, (i + 1) * out.in_features), 0)
+                   for i in range(3))
+        return q, k, v, out
+
+    def remove(self, heads: Sequence[int]) -> None:
+        m, n, d = self.module, self.num_heads, self.head_dim
+        kept = [h for h in range(n) if h not in set(heads)]
+        rows = _head_rows(kept, d)
+        packed, out = self._linears
+        setattr(m, packed, _slice_linear(getattr(m, packed), torch.cat([rows + i * n * d for i in range(3)]), 0))
+        setattr(m, out, _slice_linear(getattr(m, out), rows, 1))
+        keep_heads = torch.tensor(kept, dtype=torch.long)
+        with torch.no_grad():
+            if isinstance(getattr(m, "cpb_mlp", None), nn.Sequential):  # Swin V2
+                m.cpb_mlp[-1] = _slice_linear(m.cpb_mlp[-1], keep_heads, 0)
+                m.logit_scale = nn.Parameter(m.logit_scale.detach().index_select(0, keep_heads))
+            else:
+                m.relative_position_bias_table = nn.Parameter(
+                    m.relative_position_bias_table.detach().index_select(1, keep_heads))
+        if self._swin:
+            m.head_dim, m.num_heads = d, len(kept)
+            m.__class__ = _head_pruned_class(m)
+        else:
+            m.n_heads = len(kept)
+            m.__class__ = _head_pruned_class(m)
+
+
+_ATTENTION_KINDS = (_HFSelfAttention, _TorchMultiheadAttention, _WindowAttention)
 
 
 def find_attention(model: nn.Module) -> Dict[str, _Attention]:
@@ -429,6 +609,12 @@ def _prefixes(name: str) -> List[str]:
 def selects(patterns: Sequence[str], group_name: str) -> bool:
     """Whether glob patterns pick a transformer group: only patterns naming a kind (``heads:*``) do."""
     return any(":" in p and fnmatch.fnmatchcase(group_name, p) for p in patterns)
+
+
+def needs_channel_groups(prunable: Sequence[str]) -> bool:
+    """Whether torch-pruning's channel groups are needed: for channel patterns and for ``mlp:`` groups (read from
+    them), not for a space of heads and blocks only (so a model torch-pruning cannot trace can still lose those)."""
+    return not all(p.startswith((f"{HEADS}:", f"{DEPTH}:")) for p in prunable)
 
 
 def select(space, channel_groups: Sequence, structure_groups: Sequence) -> list:

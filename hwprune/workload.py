@@ -140,11 +140,15 @@ def build_workload(
 
     layer_names = [n for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES)]
     all_names = [n for n, _ in model.named_modules() if n]
-    structure_groups = _transformer_groups(model, example, space)
-    space.check_patterns(layer_names + [g.name for g in structure_groups], all_names)
     ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
-    groups = transformer_groups.select(space, graph.list_groups(model, example, ignored), structure_groups)
+    if not transformer_groups.needs_channel_groups(space.prunable):  # heads:/depth: only: no channel tracing
+        channel_groups = []
+    else:
+        channel_groups = graph.list_groups(model, example, ignored)
+    structure_groups = _transformer_groups(model, example, space, channel_groups)
+    space.check_patterns(layer_names + [g.name for g in structure_groups], all_names)
+    groups = transformer_groups.select(space, channel_groups, structure_groups)
     if not groups:
         raise ModelError(
             f"search space {space.name!r} leaves no prunable group in model {model_ref!r}; widen 'prunable' or "
@@ -155,9 +159,10 @@ def build_workload(
                     image_size=image_size)
 
 
-def _transformer_groups(model: nn.Module, example, space: SearchSpace) -> List[graph.PrunableGroup]:
+def _transformer_groups(model: nn.Module, example, space: SearchSpace,
+                        channel_groups: List[graph.PrunableGroup]) -> List[graph.PrunableGroup]:
     """Heads, MLP widths and block lists (``heads:``/``mlp:``/``depth:`` groups), discovered only when the space
     names one of these kinds: other spaces and models pay nothing for them."""
     if not any(":" in p for p in (*space.prunable, *space.ignore)):
         return []
-    return transformer_groups.list_groups(model, example, graph.list_groups(model, example))
+    return transformer_groups.list_groups(model, example, channel_groups)

@@ -359,3 +359,76 @@ def test_attention_counts_the_same_macs_before_and_after_the_exact_replacement(v
     assert count_macs(vit, image[:1]) == count_macs(replaced, image[:1])
     fewer = tg.apply(vit, {"heads:encoder.layers.encoder_layer_0.self_attention": 0.5}, image[:1])[0]
     assert count_macs(fewer, image[:1]) < count_macs(vit, image[:1])
+
+
+def tiny_window_models():
+    from torchvision.models import MaxVit, SwinTransformer
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+    swin = dict(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[2, 2], num_classes=10)
+    return {
+        "swin": SwinTransformer(**swin),
+        "swin_v2": SwinTransformer(**swin, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2),
+        "maxvit": MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                         block_layers=[2, 2], head_dim=4, stochastic_depth_prob=0.0, num_classes=10),
+    }
+
+
+@pytest.mark.parametrize("which", ["swin", "swin_v2", "maxvit"])
+def test_window_attention_heads_removed_equal_those_heads_silenced(which, image, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_window_models()[which].eval()
+    groups = {g.name: g for g in tg.list_groups(model, image, [])}  # heads and depth need no channel tracing
+    group = max((g for g in groups if g.startswith("heads:")), key=lambda g: groups[g].channels)  # the widest
+    heads = groups[group].channels
+    pruned = tg.apply(model, {}, image, removed={group: [1]})[0]
+    attention = pruned.get_submodule(tg.module_of(group))
+    assert type(attention).__name__.startswith("HeadPruned")
+    assert getattr(attention, "num_heads", getattr(attention, "n_heads", None)) == heads - 1
+    table = getattr(attention, "relative_position_bias_table", None)
+    if which == "swin_v2":
+        assert attention.cpb_mlp[-1].out_features == heads - 1 and attention.logit_scale.shape[0] == heads - 1
+    else:
+        assert table.shape[1] == heads - 1  # one bias column per kept head
+    # the same forward with every head kept is exact; then the pruned model == the dense one with head 1 silenced
+    silenced = tg.apply(model, {}, image, removed={group: []})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(silenced(image), model(image), rtol=1e-5, atol=1e-6)
+    found = tg.find_attention(silenced)[tg.module_of(group)]
+    packed = getattr(found.module, found._linears[0])
+    d = found.head_dim
+    with torch.no_grad():
+        packed.weight[2 * heads * d + d:2 * heads * d + 2 * d] = 0  # the value rows of head 1
+        packed.bias[2 * heads * d + d:2 * heads * d + 2 * d] = 0
+        torch.testing.assert_close(pruned(image), silenced(image), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(pruned(image), model(image), atol=1e-5)
+    # saved whole and loaded in a fresh process (the pruned attention class is found by name), and to ONNX
+    torch.save(pruned, tmp_path / "model.pt")
+    torch.save(image[:1], tmp_path / "x.pt")
+    import subprocess
+
+    code = ("import torch; m = torch.load('model.pt', weights_only=False).eval(); x = torch.load('x.pt'); "
+            "print(type(m.get_submodule(%r)).__name__); torch.save(m(x), 'y.pt')" % tg.module_of(group))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(tg.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        expected = pruned(image[:1])
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
+    path = to_onnx(pruned, (1, 3, 32, 32), tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": image[:1].numpy()})[0], expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_swin_blocks_drop_within_their_stage(image):
+    torch.manual_seed(0)
+    model = tiny_window_models()["swin"].eval()
+    names = [g.name for g in tg.list_groups(model, image, [])]
+    assert "depth:features.1" in names and "depth:features.3" in names
+    pruned, _, removed = tg.apply(model, {"depth:features.3": 0.5}, image)
+    (dropped,) = removed["depth:features.3"]
+    skipped = copy.deepcopy(model)
+    skipped.features[3] = nn.Sequential(*[b for i, b in enumerate(skipped.features[3]) if i != dropped])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(image), skipped(image))
