@@ -533,16 +533,20 @@ def _block_io(model: nn.Module, example_input, blocks: Dict[str, nn.Module]) -> 
 
 
 def find_block_lists(model: nn.Module, attention: Iterable[str], example_input) -> Dict[str, List[str]]:
-    """Containers (ModuleList / Sequential) of at least two blocks, each holding a known attention module and
-    returning a tensor of its input's shape (a residual block): the containers whose blocks may be dropped."""
+    """Containers (ModuleList / Sequential) holding at least two residual blocks (a child that holds a known
+    attention module and returns a tensor of its input's shape), with those blocks: the blocks that may be dropped.
+    A container's other children (a stage's first, downsampling block; a stage, itself a list) stay; a container
+    inside a block of another such container is left to it (dropping the outer block drops it)."""
     attention = list(attention)
     candidates: Dict[str, List[str]] = {}
+    lists = (nn.ModuleList, nn.Sequential)
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
-            continue
-        children = [f"{name}.{c}" if name else c for c, _ in module.named_children()]
-        if all(any(a.startswith(child + ".") for a in attention) for child in children):
-            candidates[name] = children
+        if isinstance(module, lists):
+            holding = [f"{name}.{c}" if name else c for c, child in module.named_children()
+                       if not isinstance(child, lists)]  # a stage (a list itself) is not a block
+            holding = [c for c in holding if any(a.startswith(c + ".") for a in attention)]
+            if len(holding) >= 2:
+                candidates[name] = holding
     if not candidates:
         return {}
     table = dict(model.named_modules())
@@ -555,7 +559,10 @@ def find_block_lists(model: nn.Module, attention: Iterable[str], example_input) 
         out = out[0] if isinstance(out, tuple) else out
         return isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor) and first.shape == out.shape
 
-    return {n: cs for n, cs in candidates.items() if all(residual(c) for c in cs)}
+    lists = {n: [c for c in cs if residual(c)] for n, cs in candidates.items()}
+    lists = {n: cs for n, cs in lists.items() if len(cs) >= 2}
+    blocks = [c for cs in lists.values() for c in cs]
+    return {n: cs for n, cs in lists.items() if not any(n.startswith(b + ".") for b in blocks)}
 
 
 def block_importance(model: nn.Module, children: Sequence[str], example_input) -> Tuple[torch.Tensor, List[bool]]:
@@ -651,14 +658,20 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
         container = module_of(name)
         if container not in table:
             raise ModelError(f"plan names a block list the model does not have: {container!r}")
+        if any(container.startswith(d + ".") for d in dropped):
+            record.pop(name, None)
+            continue
+        # positions are among all the container's children; only its residual blocks are candidates
         children = [f"{container}.{c}" if container else c for c, _ in table[container].named_children()]
-        scores, tuples = block_importance(model, children, example_input)
         if removed is None:
-            order = sorted(range(len(children)), key=lambda i: (float(scores[i]), i))
-            record[name] = sorted(order[:count_removed(wanted[name], len(children))])
+            blocks = find_block_lists(model, find_attention(model), example_input).get(container, [])
+            scores, _ = block_importance(model, blocks, example_input)
+            order = sorted(range(len(blocks)), key=lambda i: (float(scores[i]), i))
+            record[name] = sorted(children.index(blocks[i]) for i in order[:count_removed(wanted[name], len(blocks))])
         _check_removed(name, record[name], len(children), "blocks")
-        for i in record[name]:
-            _set_module(model, children[i], SkippedBlock(tuples[i]))
+        _, tuples = block_importance(model, [children[i] for i in record[name]], example_input)
+        for i, returns_tuple in zip(record[name], tuples):
+            _set_module(model, children[i], SkippedBlock(returns_tuple))
             dropped.append(children[i])
     attention = find_attention(model)
     heads = [n for n in wanted if kind_of(n) == HEADS] if removed is None else [n for n in record if kind_of(n) == HEADS]

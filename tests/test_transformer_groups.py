@@ -432,3 +432,19 @@ def test_swin_blocks_drop_within_their_stage(image):
     skipped.features[3] = nn.Sequential(*[b for i, b in enumerate(skipped.features[3]) if i != dropped])
     with torch.no_grad():
         torch.testing.assert_close(pruned(image), skipped(image))
+
+
+def test_maxvit_drops_attention_layers_but_never_a_downsampling_block(image):
+    torch.manual_seed(0)
+    model = tiny_window_models()["maxvit"].eval()
+    groups = {g.name: g for g in tg.list_groups(model, image, []) if g.name.startswith("depth:")}
+    # each MaxViT layer: MBConv (strided in a stage's first layer), window attention, grid attention
+    assert groups["depth:blocks.0.layers.0.layers"].members == ("blocks.0.layers.0.layers.window_attention",
+                                                               "blocks.0.layers.0.layers.grid_attention")
+    pruned, _, removed = tg.apply(model, {"depth:blocks.1.layers.0.layers": 0.5}, image)
+    (dropped,) = removed["depth:blocks.1.layers.0.layers"]
+    assert dropped in (1, 2)  # a position among all the list's children: the MBConv (0) is never a candidate
+    skipped = copy.deepcopy(model)
+    skipped.blocks[1].layers[0].layers[dropped] = nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(image), skipped(image))
