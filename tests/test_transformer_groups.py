@@ -336,6 +336,13 @@ def test_search_on_a_tiny_vit_with_the_transformer_space_through_the_cli(tiny_vi
         for group, heads in plan.removed.items():
             attention = model.get_submodule(tg.module_of(group))
             assert attention.num_heads == 4 - len(heads)
+    # `hwprune export` rebuilds the front from the stored plans: the same models
+    assert main(["export", "--run", str(out), "--pareto", "--out", str(tmp_path / "exported")]) == 0
+    for t in front.trial:
+        again = torch.load(tmp_path / "exported" / f"trial-{t}" / "model.pt", weights_only=False).eval()
+        first = torch.load(out / "models" / f"trial-{t}" / "model.pt", weights_only=False).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), first(x))
 
 
 def test_a_transformer_pattern_on_a_model_without_attention_is_one_clear_error(tiny_vit_factory):
