@@ -179,7 +179,8 @@ class _Attention:
 
 
 class _HFSelfAttention(_Attention):
-    """Hugging Face BERT-style: ``query``/``key``/``value`` linears in ``<attn>.self``, output ``<attn>.output.dense``."""
+    """Hugging Face BERT-style: ``query``/``key``/``value`` linears in ``<attn>.self``; the output projection is
+    ``<attn>.output.dense``."""
 
     @staticmethod
     def matches(model: nn.Module, name: str, module: nn.Module) -> bool:
@@ -308,7 +309,8 @@ def _shifted_window_attention(module: nn.Module, x: torch.Tensor) -> torch.Tenso
     ``module.head_dim`` features, independent of the embedding width."""
     batch, height, width, channels = x.shape
     window, shift = module.window_size, list(module.shift_size)
-    x = F.pad(x, (0, 0, 0, (window[1] - width % window[1]) % window[1], 0, (window[0] - height % window[0]) % window[0]))
+    pad_right, pad_bottom = (window[1] - width % window[1]) % window[1], (window[0] - height % window[0]) % window[0]
+    x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
     _, pad_h, pad_w, _ = x.shape
     shift = [0 if window[i] >= (pad_h, pad_w)[i] else shift[i] for i in range(2)]
     if sum(shift) > 0:
@@ -320,8 +322,8 @@ def _shifted_window_attention(module: nn.Module, x: torch.Tensor) -> torch.Tenso
     logit_scale = getattr(module, "logit_scale", None)
     qkv_bias = module.qkv.bias
     if logit_scale is not None and qkv_bias is not None:  # V2 has no key bias
-        qkv_bias = torch.cat([qkv_bias[:heads * head_dim], torch.zeros_like(qkv_bias[heads * head_dim:2 * heads * head_dim]),
-                              qkv_bias[2 * heads * head_dim:]])
+        inner = heads * head_dim
+        qkv_bias = torch.cat([qkv_bias[:inner], torch.zeros_like(qkv_bias[inner:2 * inner]), qkv_bias[2 * inner:]])
     qkv = F.linear(x, module.qkv.weight, qkv_bias).reshape(x.size(0), x.size(1), 3, heads, head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     if logit_scale is not None:
@@ -654,7 +656,11 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
     table = dict(model.named_modules())
     record = dict(removed or {})
     dropped: List[str] = []
-    for name in [n for n in wanted if kind_of(n) == DEPTH] if removed is None else [n for n in record if kind_of(n) == DEPTH]:
+
+    def groups_of(kind: str) -> List[str]:
+        return [n for n in (wanted if removed is None else record) if kind_of(n) == kind]
+
+    for name in groups_of(DEPTH):
         container = module_of(name)
         if container not in table:
             raise ModelError(f"plan names a block list the model does not have: {container!r}")
@@ -669,13 +675,14 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
             order = sorted(range(len(blocks)), key=lambda i: (float(scores[i]), i))
             record[name] = sorted(children.index(blocks[i]) for i in order[:count_removed(wanted[name], len(blocks))])
         _check_removed(name, record[name], len(children), "blocks")
+        if not record[name]:
+            continue
         _, tuples = block_importance(model, [children[i] for i in record[name]], example_input)
         for i, returns_tuple in zip(record[name], tuples):
             _set_module(model, children[i], SkippedBlock(returns_tuple))
             dropped.append(children[i])
     attention = find_attention(model)
-    heads = [n for n in wanted if kind_of(n) == HEADS] if removed is None else [n for n in record if kind_of(n) == HEADS]
-    for name in heads:
+    for name in groups_of(HEADS):
         target = module_of(name)
         if any(target.startswith(d + ".") for d in dropped):
             record.pop(name, None)
