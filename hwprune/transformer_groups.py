@@ -7,10 +7,14 @@
   output projection is the parent's ``output.dense``) and ``nn.MultiheadAttention`` (torchvision ViT). PyTorch's
   ``nn.MultiheadAttention`` cannot hold fewer heads than ``embed_dim / head_dim`` (its inner width is its embedding
   width), so it is replaced by ``PrunedMultiheadAttention``: the same computation with separate q/k/v linears.
+  torchvision Swin (V1/V2) and MaxViT window attention derive the head width from the embedding width in their
+  forward, so a module that lost heads becomes a ``HeadPruned<class>`` subclass whose forward does not; its
+  per-head position biases (table columns; V2: the continuous-bias MLP's rows and the logit scales) lose the same heads.
 * ``mlp:<first linear>``: a transformer block's MLP hidden width: torch-pruning's dependency group of the first
   linear (its rows and the second linear's columns), pruned by the engine like any channel group.
-* ``depth:<container>``: whole blocks of a list of transformer blocks dropped (ratio = fraction of the blocks,
-  at least one kept), each replaced by ``SkippedBlock``, an identity that takes the block's call signature.
+* ``depth:<container>``: whole residual blocks of a list of transformer blocks dropped (ratio = fraction of the
+  list's residual blocks, at least one kept), each replaced by ``SkippedBlock``, an identity that takes the block's
+  call signature.
 
 Heads and blocks are chosen by importance (below) and the choice is stored in the plan (``PruningPlan.removed``), so
 a plan replays exactly. Channel groups are selected by patterns without a ``kind:`` prefix as before; these groups
