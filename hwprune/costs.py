@@ -28,7 +28,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
-        from hwprune.export import no_mha_fastpath
+        from hwprune.transformer_groups import no_mha_fastpath
 
         fca = FlopCountAnalysis(model.eval(), example_input)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

@@ -1,7 +1,6 @@
 """Writing a model out: ONNX (what devices run) and the PyTorch module (what users fine-tune further)."""
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +10,7 @@ import torch.nn as nn
 
 from hwprune.atomic import atomic_path
 from hwprune.errors import ModelError
+from hwprune.transformer_groups import no_mha_fastpath
 
 OPSET = 17
 
@@ -30,18 +30,6 @@ def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
     except Exception as e:
         raise ModelError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return path
-
-
-@contextlib.contextmanager
-def no_mha_fastpath():
-    """nn.MultiheadAttention's inference fast path (one fused op) has no ONNX export and no MAC count in fvcore;
-    its plain path (the same results) has both."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def save_torch(model: nn.Module, path: Path) -> Path:

@@ -26,6 +26,7 @@ residual stream (the channel groups).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
@@ -87,6 +88,19 @@ def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention modules
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """nn.MultiheadAttention's inference fast path (one fused op) has no ONNX export and no MAC count in fvcore;
+    its plain path (the same results) has both. Export and MAC counting run in this context."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
 
 
 class PrunedMultiheadAttention(nn.Module):
