@@ -645,11 +645,12 @@ def needs_channel_groups(prunable: Sequence[str]) -> bool:
 
 
 def select(space, channel_groups: Sequence, structure_groups: Sequence) -> list:
-    """The groups a search space prunes: its channel groups, minus any that share a module with a selected
-    transformer group (one set of channels takes one ratio), plus its transformer groups."""
+    """The groups a search space prunes: its channel groups, minus any rooted at a layer a selected heads/MLP group
+    cuts (one set of channels takes one ratio: q/k/v's own channel group, the MLP's first linear), plus its
+    transformer groups. The hidden-width group stays selectable beside heads: it cuts the projections' other side."""
     chosen = [g for g in structure_groups if selects(space.prunable, g.name) and not selects(space.ignore, g.name)]
     taken = {m for g in chosen if kind_of(g.name) != DEPTH for m in g.members}
-    channels = [g for g in channel_groups if space.matches(g.name) and not set(g.members) & taken]
+    channels = [g for g in channel_groups if space.matches(g.name) and g.name not in taken]
     return channels + chosen
 
 
@@ -716,6 +717,8 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
         if record[name]:
             a.remove(record[name])
     for name, r in ratios.items():
-        if kind_of(name) == MLP and r > 0 and not any(module_of(name).startswith(d + ".") for d in dropped):
+        if kind_of(name) == MLP and r > 0:
             channel[module_of(name)] = float(r)
+    # a channel group rooted inside a dropped block went with it (its root, which names it, is gone)
+    channel = {n: r for n, r in channel.items() if not any(n.startswith(d + ".") for d in dropped)}
     return model, channel, {n: v for n, v in record.items() if v}

@@ -258,7 +258,7 @@ def test_plan_json_round_trip_replays_the_identical_model(which, bert, tokens, v
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_patterns_select_transformer_groups_only_by_their_kind(vit, image):
+def test_patterns_select_transformer_groups_only_by_their_kind(vit, image, bert, tokens):
     channel = graph.list_groups(vit, image, ["heads.head"])
     structure = tg.list_groups(vit, image, graph.list_groups(vit, image))
     space = parse_search_space({"prunable": ["heads:*", "mlp:*"], "ignore": ["heads:*encoder_layer_1*"]}, "t", "t")
@@ -272,6 +272,18 @@ def test_patterns_select_transformer_groups_only_by_their_kind(vit, image):
     chosen = [g.name for g in tg.select(both, channel, structure)]
     assert "mlp:encoder.layers.encoder_layer_0.mlp.0" in chosen
     assert "encoder.layers.encoder_layer_0.mlp.0" not in chosen
+    # heads cut q/k/v rows and the output projection's columns; the hidden width (rooted at the last MLP output,
+    # reaching every attention module) cuts their other side, so it stays beside them
+    with_heads = [g.name for g in tg.select(parse_search_space({"prunable": ["*", "heads:*"]}, "h", "h"), channel,
+                                            structure)]
+    assert "encoder.layers.encoder_layer_1.mlp.3" in with_heads
+    assert "heads:encoder.layers.encoder_layer_1.self_attention" in with_heads
+    # BERT: torch-pruning's group of the value rows (query, key, value, output projection) would break heads
+    bert_channel = graph.list_groups(bert, tokens)
+    assert "encoder.layer.0.attention.self.value" in [g.name for g in bert_channel]
+    chosen = [g.name for g in tg.select(parse_search_space({"prunable": ["*", "heads:*"]}, "h", "h"), bert_channel,
+                                        tg.list_groups(bert, tokens, bert_channel))]
+    assert "encoder.layer.0.attention.self.value" not in chosen and "heads:encoder.layer.0.attention.self" in chosen
 
 
 TINY_VIT_SOURCE = '''
