@@ -29,7 +29,7 @@ METHODS = ("uniform", "global", "random")
 SWEEP_RANGE = (0.25, 0.75)  # the uniform sweep: the space's grid ratios within this range
 GLOBAL_WARM_RATIO = 0.5
 
-WITHIN_PP = (0.5, 1.0, 2.0)  # accuracy drops (pp) at which the best speedups are reported
+WITHIN_PP = (0.5, 1.0, 2.0)  # quality drops (pp of accuracy or fidelity) at which the best speedups are reported
 
 
 def sweep_ratios(grid: Sequence[float], low: float = SWEEP_RANGE[0], high: float = SWEEP_RANGE[1]) -> List[float]:
@@ -106,7 +106,7 @@ def meter_for_run(study: optuna.Study, workload: Workload, run_dir: Path):
     from hwprune.config import load_profiles
     from hwprune.trial import LatencyMeter
 
-    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.input_shape, run_dir)
+    meter = LatencyMeter(load_profiles(study.user_attrs["profiles"]), workload.model, workload.inputs, run_dir)
     stored = study.user_attrs.get("reference_ms", {})
     meter.reference_ms.update({k: v for k, v in stored.items() if k in meter.reference_ms})
     return meter
@@ -131,7 +131,7 @@ def run_baselines(workload: Workload, meter, run_dir: Path, method: str, ratios:
             onnx.unlink()
         metrics = {**outcome.metrics(), "baseline": tag, "method": method}
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        acc = f"accuracy {outcome.accuracy:.4f}" if outcome.accuracy is not None else outcome.reason or "not trained"
+        acc = outcome.describe_quality() if outcome.quality else outcome.reason or "not trained"
         lats = "  ".join(f"{k} {v.median_ms:.3f} ms" for k, v in outcome.latency.items())
         log(f"{tag}: {acc}  {lats}")
         rows.append(metrics)
@@ -161,38 +161,39 @@ def baselines_frame(study: optuna.Study, trials: pd.DataFrame, run_dir: Path) ->
     return frame
 
 
-def _points(frame: pd.DataFrame, col: str) -> List[Tuple[float, float]]:
-    if frame.empty or col not in frame.columns:
+def _points(frame: pd.DataFrame, col: str, quality: str = "accuracy") -> List[Tuple[float, float]]:
+    if frame.empty or col not in frame.columns or quality not in frame.columns:
         return []
-    ok = frame[(frame.state == "complete") & frame.accuracy.notna() & frame[col].notna()]
+    ok = frame[(frame.state == "complete") & frame[quality].notna() & frame[col].notna()]
     if "feasible" in ok.columns:
         ok = ok[ok.feasible.astype(bool)]
-    return list(zip(ok[col].astype(float), ok.accuracy.astype(float)))
+    return list(zip(ok[col].astype(float), ok[quality].astype(float)))
 
 
 def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
-            max_drop: float = DEFAULT_MAX_DROP) -> Dict[str, object]:
-    """The front's hypervolume against each baseline method's, on ``profile``; pure function of the tables."""
+            max_drop: float = DEFAULT_MAX_DROP, quality: str = "accuracy") -> Dict[str, object]:
+    """The front's hypervolume against each baseline method's, on ``profile``; pure function of the tables.
+    ``quality``: the maximised quality column (accuracy, agreement, cosine or exp_neg_kl)."""
     col = f"latency_ms:{profile}"
     dense = trials[(trials.role == "dense") & (trials.state == "complete")]
-    if dense.empty or pd.isna(dense.iloc[0].accuracy):
-        return {"note": "no completed dense trial with accuracy: no hypervolume"}
+    if dense.empty or quality not in dense.columns or pd.isna(dense.iloc[0][quality]):
+        return {"note": f"no completed dense trial with {quality}: no hypervolume"}
     d = dense.iloc[0]
-    ref = Reference(float(d[col]), float(d.accuracy), max_drop)
+    ref = Reference(float(d[col]), float(d[quality]), max_drop, quality)
     tagged = set(baselines.trial.dropna().astype(int)) if "trial" in baselines.columns and not baselines.empty else set()
-    search_pts = _points(trials, col)
+    search_pts = _points(trials, col, quality)
     own = trials[~trials.trial.isin(tagged)]
     hv_front = hypervolume(search_pts, ref)
     summary: Dict[str, object] = {
         "profile": profile, "reference_point": ref.to_dict(), "reference": ref.describe(),
-        "hypervolume": {"search": hv_front, "search_without_warm_start": hypervolume(_points(own, col), ref)},
+        "hypervolume": {"search": hv_front, "search_without_warm_start": hypervolume(_points(own, col, quality), ref)},
         "best_speedup_within_pp": {"search": {f"{p:g}": best_speedup_within(search_pts, ref, p / 100)
                                               for p in WITHIN_PP}},
         "relative": {}, "verdict": [],
     }
     for method in METHODS:
         sub = baselines[baselines.method == method] if not baselines.empty else baselines
-        pts = _points(sub, col)
+        pts = _points(sub, col, quality)
         if not pts:
             continue
         hv = hypervolume(pts, ref)
@@ -215,7 +216,8 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
 def write_baseline_summary(study: optuna.Study, run_dir: Path, tables: Dict[str, pd.DataFrame],
                            log: Callable[[str], None] = print, max_drop: float = DEFAULT_MAX_DROP) -> Dict[str, object]:
     """baselines.csv, hypervolume.csv/.png, summary.json and pareto.png with the baselines drawn; prints the
-    verdict. Runs without data (no accuracy) get no hypervolume."""
+    verdict. Runs without data (no accuracy or fidelity) get no hypervolume."""
+    from hwprune.fidelity import WORST
     from hwprune.results import objective_columns, plot_pareto
 
     run_dir = Path(run_dir)
@@ -223,18 +225,19 @@ def write_baseline_summary(study: optuna.Study, run_dir: Path, tables: Dict[str,
     base = baselines_frame(study, trials, run_dir)
     base.to_csv(run_dir / "baselines.csv", index=False)
     objectives = objective_columns(study)
-    if objectives[:1] != ["accuracy"] or trials.empty:
+    if not objectives or objectives[0] not in WORST or trials.empty:
         return {}
+    q = objectives[0]
     profile = study.user_attrs.get("budget_profile") or objectives[1].split(":", 1)[1]
-    summary = compare(trials, base, profile, max_drop)
+    summary = compare(trials, base, profile, max_drop, q)
     if "reference_point" not in summary:
         log(summary.get("note", ""))
         return summary
-    ref = Reference(summary["reference_point"]["latency_ms"], summary["reference_point"]["dense_accuracy"], max_drop)
+    ref = Reference(summary["reference_point"]["latency_ms"], summary["reference_point"][f"dense_{q}"], max_drop, q)
     col = f"latency_ms:{profile}"
-    ok = trials[(trials.state == "complete") & trials.accuracy.notna()]
+    ok = trials[(trials.state == "complete") & trials[q].notna()]
     ok = ok[ok.feasible.astype(bool)]
-    history = pd.DataFrame(hypervolume_history(list(zip(ok.trial, ok[col], ok.accuracy)), ref),
+    history = pd.DataFrame(hypervolume_history(list(zip(ok.trial, ok[col], ok[q])), ref),
                            columns=["trial", "hypervolume"])
     final = float(history.hypervolume.iloc[-1]) if not history.empty else 0.0
     history["fraction_of_final"] = history.hypervolume / final if final > 0 else 0.0
@@ -242,6 +245,7 @@ def write_baseline_summary(study: optuna.Study, run_dir: Path, tables: Dict[str,
     within5 = history[history.fraction_of_final >= 0.95]
     summary["trial_within_5pct_of_final_hypervolume"] = int(within5.trial.iloc[0]) if not within5.empty else None
     summary["trials"] = int(len(trials))
+    summary["quality"] = q
     _plot_history(history, summary, run_dir / "hypervolume.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -269,7 +273,7 @@ def _plot_history(history: pd.DataFrame, summary: Dict[str, object], path: Path)
         if method in summary["hypervolume"]:
             ax.axhline(summary["hypervolume"][method], ls="--", c=colors[method], label=f"{method} baseline")
     ax.set_xlabel("trial")
-    ax.set_ylabel("hypervolume (relative latency x accuracy)")
+    ax.set_ylabel(f"hypervolume (relative latency x {summary.get('quality', 'accuracy')})")
     ax.set_title(summary["reference"].split(";")[0], fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -20,14 +20,25 @@ def _log(msg: str) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, data_default: str = "mnist-5k") -> None:
-    p.add_argument("--model", required=True, help="demo | torchvision:NAME | FILE.pt | package.module:factory")
+    p.add_argument("--model", required=True,
+                   help="demo | torchvision:NAME | FILE.pt | package.module:factory | hf:DIR | hf-package:PKG")
     p.add_argument("--weights", help="state_dict file for torchvision:NAME, package.module:factory or demo")
     p.add_argument("--data", default=data_default,
-                   help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | none (default {data_default})")
+                   help=f"mnist-5k | digits | imagefolder:PATH | torchvision:CLASS:ROOT | images:PATH (unlabelled) | "
+                   f"none (default {data_default})")
     p.add_argument("--input-shape", help="C,H,W of one sample when there is no data (default 3,224,224)")
+    p.add_argument("--inputs", help="named model inputs, e.g. input_ids:int64:128,attention_mask:int64:128 "
+                                    "(int64 without a length: the profile's sequence_length); with --data none")
     p.add_argument("--image-size", type=_num(int, 1), help="resize images of imagefolder/torchvision data to this size")
     p.add_argument("--seed", type=_num(int, 0, 2**32 - 1), default=0)
     _add_trust_arg(p)
+
+
+def _add_objective_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", choices=["accuracy", "agreement", "cosine", "kl"],
+                   help="what candidates are scored by: validation accuracy (needs labels), or fidelity to the dense "
+                   "model on held-out inputs: top-1 agreement, cosine similarity, KL (default: the search space's, "
+                   "else accuracy with labels; without: agreement for classifiers, cosine for embeddings)")
 
 
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
@@ -38,10 +49,13 @@ def _add_trust_arg(p: argparse.ArgumentParser) -> None:
 def _workload(args, space: str, run_dir: Optional[Path] = None):
     from hwprune.workload import build_workload, parse_shape
 
+    from hwprune.inputs import InputSpec
+
     shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
+    inputs = InputSpec.parse(args.inputs) if getattr(args, "inputs", None) else None  # bad text: one line, first
     return build_workload(args.model, args.data, space, weights=args.weights, input_shape=shape,
                           run_dir=run_dir, seed=args.seed, image_size=args.image_size, log=_log,
-                          trust_pickle=args.trust_pickle)
+                          trust_pickle=args.trust_pickle, inputs=inputs, objective=getattr(args, "objective", None))
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -66,7 +80,8 @@ def cmd_search(args) -> int:
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=out)
     _log(f"{len(workload.groups)} prunable groups in {args.model}; ratios {list(workload.space.ratios)}; "
-         f"profiles {', '.join(p.name for p in profiles)}")
+         f"profiles {', '.join(p.name for p in profiles)}"
+         + (f"; objective {workload.objective}" if workload.data is not None else ""))
     interrupted = None
     study = None
     try:
@@ -135,7 +150,7 @@ def _print_summary(tables, out: Path) -> None:
     print(f"{len(df)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
           f"{len(front)} on the Pareto front; results in {out}")
     if not front.empty:
-        cols = [c for c in ["trial", "accuracy", "macs"] if c in front.columns]
+        cols = [c for c in ["trial", "accuracy", "agreement", "cosine", "kl", "macs"] if c in front.columns]
         cols += [c for c in front.columns if c.startswith(("latency_ms:", "speedup:"))]
         print(front[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     failed = df[df.state == "fail"]
@@ -150,7 +165,6 @@ def cmd_profile(args) -> int:
 
     from hwprune.config import load_profiles, load_search_space
     from hwprune.costs import measure_costs
-    from hwprune.export import to_onnx
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate
 
@@ -158,13 +172,16 @@ def cmd_profile(args) -> int:
     workload = _workload(args, args.search_space, run_dir=Path(args.run_dir))
     if args.build_lut:
         return _build_lut(args, workload, profiles)
+    workload = workload.for_profiles(profiles[:1])  # token inputs: MACs at the first profile's sequence length
     costs = measure_costs(workload.model, workload.example_input)
     report = {"model": args.model, "input_shape": list(workload.input_shape), **costs.to_dict(), "profiles": {}}
+    if not workload.inputs.is_image:
+        report["inputs"] = workload.resolved_inputs.to_text()
     with tempfile.TemporaryDirectory() as tmp:
-        for p in profiles:
+        for k, p in enumerate(profiles):
             backend = make_backend(p)
-            shape = (p.batch_size, *workload.input_shape)
-            onnx_path = to_onnx(workload.model, shape, Path(tmp) / f"model-b{p.batch_size}.onnx")
+            shape = workload.latency_inputs(p)
+            onnx_path = workload.export_onnx(workload.model, Path(tmp) / f"model-{k}.onnx", p.batch_size, profile=p)
             stats = measure_candidate(backend, str(onnx_path), workload.model, shape)
             entry = {"latency": stats.to_dict(), "fingerprint": backend.fingerprint()}
             if getattr(backend, "last_conditions", None):  # GPU clock and temperature around the timing
@@ -177,7 +194,8 @@ def cmd_profile(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.model}  input {tuple(workload.input_shape)}  MACs {costs.macs / 1e6:.2f} M  "
+    shown = tuple(workload.input_shape) if workload.inputs.is_image else workload.resolved_inputs.describe(1)
+    print(f"{args.model}  input {shown}  MACs {costs.macs / 1e6:.2f} M  "
           f"params {costs.params / 1e6:.3f} M  bytes {costs.bytes / 1e6:.2f} MB")
     for name, e in report["profiles"].items():
         s = e["latency"]
@@ -198,7 +216,6 @@ def _build_lut(args, workload, profiles) -> int:
     import random
     import tempfile
 
-    from hwprune.export import to_onnx
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate
     from hwprune.latency.lut import build_lut, predictor_error
@@ -218,8 +235,8 @@ def _build_lut(args, workload, profiles) -> int:
             for k in range(args.lut_check):
                 plan = workload.plan({g.name: rng.choice(workload.space.ratios) for g in workload.groups})
                 model = apply_plan(workload.model, plan, workload.example_input)[0]
-                shape = (profile.batch_size, *workload.input_shape)
-                onnx_path = to_onnx(model, shape, Path(tmp) / f"check-{k}.onnx")
+                shape = workload.latency_inputs(profile)
+                onnx_path = workload.export_onnx(model, Path(tmp) / f"check-{k}.onnx", profile.batch_size, profile)
                 pairs.append((plan, measure_candidate(backend, str(onnx_path), model, shape).median_ms))
         err = predictor_error(table, pairs)
         print(f"predictor error on {err['n']} random plans it was not calibrated on: MAPE {err['mape']:.1f}%  "
@@ -232,7 +249,7 @@ def _build_lut(args, workload, profiles) -> int:
 
 def cmd_prune(args) -> int:
     from hwprune.config import load_profiles
-    from hwprune.export import save_torch, to_onnx
+    from hwprune.export import save_torch
     from hwprune.trial import LatencyMeter, run_trial
 
     if not 0.0 <= args.ratio < 1.0:
@@ -244,7 +261,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     profiles = load_profiles(args.profile or ["cpu"])
     workload = _workload(args, args.search_space, run_dir=out).for_profiles(profiles)
-    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out, cache=False)
+    meter = LatencyMeter(profiles, workload.model, workload.inputs, out, cache=False)
     plan = workload.uniform_plan(args.ratio)
     plan.recovery_method = args.recovery_method
     try:
@@ -255,10 +272,10 @@ def cmd_prune(args) -> int:
         f.unlink()
     if (out / "reference").is_dir():
         (out / "reference").rmdir()
-    to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+    workload.export_onnx(model, out / "model.onnx")
     save_torch(model, out / "model.pt")
     m = outcome.metrics()
-    acc = f"accuracy {m['accuracy']:.4f}  " if m["accuracy"] is not None else ""
+    acc = f"{outcome.describe_quality()}  " if outcome.quality else ""
     lats = "  ".join(f"{k.split(':', 1)[1]} {v:.3f} ms" for k, v in m.items() if k.startswith("latency_ms:"))
     print(f"pruned {args.ratio:g} of every group: {acc}MACs {m['macs'] / 1e6:.2f} M  params {m['params']}  {lats}")
     print(f"wrote {out / 'model.onnx'}, {out / 'model.pt'}, {out / 'metrics.json'}, {out / 'plan.json'}")
@@ -284,8 +301,10 @@ def _open_run(args):
 
     space = stored_search_space(a) or a["search_space"]  # the study's own copy: the file may be elsewhere or edited
     workload = build_workload(a["model"], a["data"], space, weights=a.get("weights"), image_size=a.get("image_size"),
-                              input_shape=a.get("input_shape"), run_dir=run, seed=a.get("seed", 0), log=_log,
-                              trust_pickle=args.trust_pickle)
+                              input_shape=a.get("input_shape"), inputs=a.get("inputs"), run_dir=run,
+                              seed=a.get("seed", 0), log=_log,
+                              trust_pickle=args.trust_pickle, objective=a.get("objective"))
+    workload = workload.with_sequence_length(a.get("sequence_length"))  # token inputs: the search's length
     return run, study, workload
 
 
@@ -356,7 +375,9 @@ def cmd_finetune(args) -> int:
     else:
         rows = pareto_frame(df, objective_columns(study))
     table = finetune_trials(workload, run, df, rows, args.steps, args.distill, args.lr, seed=args.seed, log=_log)
-    print(table[["trial", "role", "accuracy_search", "accuracy_finetuned", "delta_vs_dense_pp"]
+    col = workload.objective
+    delta = [c for c in table.columns if c.startswith("delta_vs_dense")]
+    print(table[["trial", "role", f"{col}_search", f"{col}_finetuned"] + delta
                 + [c for c in table.columns if c.startswith("speedup:")]].to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {run / 'finetune.csv'} and models/trial-N/finetuned/ for trials {', '.join(map(str, table.trial))}")
@@ -405,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search pruning plans; write trials, the Pareto front and its models")
     _add_model_args(s)
+    _add_objective_arg(s)
     s.add_argument("--search-space", default="demo", help="a file in search_spaces/ by stem, or a YAML path")
     s.add_argument("--profile", action="append", help="device profile (repeatable); default: cpu")
     s.add_argument("--trials", type=_num(int, 1), default=30,
@@ -458,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("prune", help="apply one uniform ratio to every group and export it like a trial")
     _add_model_args(q, data_default="none")
+    _add_objective_arg(q)
     q.add_argument("--search-space", default="filters")
     q.add_argument("--ratio", type=_num(float, 0, 0.99), required=True,
                    help="fraction of every group's channels removed")
@@ -507,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--trial", type=int)
     fg.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
     f.add_argument("--steps", type=int, required=True, help="extra fine-tuning steps for each model and dense")
-    f.add_argument("--distill", action="store_true", help="distil from the dense model")
+    f.add_argument("--distill", action="store_true",
+                   help="distil from the dense model (always so on unlabelled data)")
     f.add_argument("--lr", type=float, help="learning rate (default: the search space's recovery lr)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--storage")

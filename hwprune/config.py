@@ -37,6 +37,9 @@ class RecoveryBudget:
     distill: bool = False
     distill_temperature: float = 4.0
     distill_alpha: float = 0.7  # weight of the distillation term; 1 - alpha on the hard labels
+    # what distillation compares: "kl" on logits at distill_temperature, "cosine" (+ MSE) on embeddings. Unset in a
+    # file, it follows the objective (cosine for the cosine objective, else kl). Unlabelled data always distils.
+    distill_loss: Optional[str] = None
     # how the finetune_steps are spent (hwprune.recovery); several: the search chooses one per trial
     method: Tuple[str, ...] = ("finetune",)
     method_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> its hyperparameters
@@ -63,6 +66,7 @@ class SearchSpace:
     importance: str = "l1"
     structures: StructureChoices = field(default_factory=StructureChoices)
     recovery: RecoveryBudget = field(default_factory=RecoveryBudget)
+    objective: Optional[str] = None  # accuracy | agreement | cosine | kl (hwprune.fidelity); None: by the data
     description: str = ""
     source: Optional[str] = None
 
@@ -203,7 +207,8 @@ def resolve(ref: str, folder: str, what: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # Search spaces
 
-_SPACE_KEYS = ("description", "prunable", "ignore", "ratios", "round_to", "importance", "structures", "recovery")
+_SPACE_KEYS = ("description", "prunable", "ignore", "ratios", "round_to", "importance", "structures", "recovery",
+               "objective")
 _RECOVERY_TYPES = {
     "bn_recalibration_batches": (int, 0, None),
     "finetune_steps": (int, 0, None),
@@ -214,6 +219,7 @@ _RECOVERY_TYPES = {
     "distill": (bool, None, None),
     "distill_temperature": (float, 1e-6, None),
     "distill_alpha": (float, 0.0, 1.0),
+    "distill_loss": (str, None, None),
 }
 
 
@@ -245,6 +251,10 @@ def parse_search_space(data: Mapping[str, Any], name: str, source: str) -> Searc
         kw["structures"] = _parse_structures(data["structures"] or {}, source)
     if "recovery" in data:
         kw["recovery"] = _parse_recovery(data["recovery"], source)
+    if "objective" in data:
+        from hwprune.fidelity import OBJECTIVES
+
+        kw["objective"] = _choice(f"{source}: objective", data["objective"], OBJECTIVES)
     return SearchSpace(**kw)
 
 
@@ -261,6 +271,10 @@ def _parse_recovery(section: Any, source: str) -> RecoveryBudget:
     rkw = _typed_section(where, section, {**_RECOVERY_TYPES, "method": None, **{m: None for m in method_names()}})
     if "optimizer" in rkw:
         _choice(f"{where}.optimizer", rkw["optimizer"], OPTIMIZERS)
+    if "distill_loss" in rkw:
+        from hwprune.fidelity import DISTILL_LOSSES
+
+        _choice(f"{where}.distill_loss", rkw["distill_loss"], DISTILL_LOSSES)
     names = [methods] if isinstance(methods, str) else methods
     if not isinstance(names, list) or not names:
         raise ConfigError(f"{where}.method: expected a method name or a list of them from: {', '.join(method_names())}")
@@ -319,7 +333,8 @@ def load_search_space(ref: str) -> SearchSpace:
 # ---------------------------------------------------------------------------------------------------------------
 # Device profiles
 
-_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "channel_multiple", "options", "measure", "accelerates")
+_PROFILE_KEYS = ("name", "description", "backend", "batch_size", "sequence_length", "channel_multiple", "options",
+                 "measure", "accelerates")
 
 
 def parse_measure_settings(where: str, section: Any) -> MeasureSettings:
@@ -341,6 +356,9 @@ def parse_profile(data: Mapping[str, Any], name: str, source: str) -> DeviceProf
     }
     if "batch_size" in data:
         kw["batch_size"] = _typed(f"{source}: batch_size", data["batch_size"], int, minimum=1)
+    if "sequence_length" in data:  # token inputs whose length the input spec leaves to the profile
+        kw["sequence_length"] = _typed(f"{source}: sequence_length", data["sequence_length"], int, minimum=1,
+                                        maximum=65536)
     if "channel_multiple" in data:
         kw["channel_multiple"] = _typed(f"{source}: channel_multiple", data["channel_multiple"], int, minimum=1)
     if "options" in data:

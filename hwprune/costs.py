@@ -23,7 +23,29 @@ class Costs:
         return asdict(self)
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+class _KeywordCall(nn.Module):
+    """Calls a keyword-convention model positionally: fvcore and the TorchScript ONNX exporter trace
+    ``model(*inputs)`` only."""
+
+    def __init__(self, model: nn.Module, names):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors)))
+
+
+def positional(model: nn.Module, example_input):
+    """(model, inputs) callable as ``model(*inputs)`` / ``model(inputs)``: a dict of named inputs is passed
+    through a keyword adapter, in its order."""
+    if isinstance(example_input, dict):
+        return _KeywordCall(model, example_input), tuple(example_input.values())
+    return model, example_input
+
+
+def count_macs(model: nn.Module, example_input) -> int:
+    """MACs of one forward pass on ``example_input``: a tensor, a tuple of inputs, or a dict of named inputs."""
+    model, example_input = positional(model, example_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
@@ -45,6 +67,6 @@ def count_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_costs(model: nn.Module, example_input: torch.Tensor) -> Costs:
+def measure_costs(model: nn.Module, example_input) -> Costs:
     """Costs at batch size 1 (``example_input`` should have batch 1)."""
     return Costs(count_macs(model, example_input), count_params(model), count_bytes(model))

@@ -9,22 +9,32 @@ import torch
 import torch.nn as nn
 
 from hwprune.atomic import atomic_path
+from hwprune.costs import positional
 from hwprune.errors import ModelError
+from hwprune.inputs import InputSpec
 from hwprune.transformer_groups import no_mha_fastpath
 
 OPSET = 17
 
 
-def to_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Path:
-    """Export with a fixed input shape (batch included): latency is measured at exactly that shape."""
+def to_onnx(model: nn.Module, input_shape: "Sequence[int] | InputSpec", path: Path, batch: int = 1) -> Path:
+    """Export with fixed input shapes: latency is measured at exactly those. ``input_shape`` is the one image
+    input's shape (batch included; the input is named ``input``) or an InputSpec (one named input each, at
+    ``batch``; int64 token inputs stay int64)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.randn(*input_shape)
+    if isinstance(input_shape, InputSpec):
+        example = input_shape.example(batch)
+        names = list(input_shape.names)
+    else:
+        example, names = torch.randn(*input_shape), ["input"]
+    model, example = positional(model, example)  # keyword convention: through an adapter, in the spec's order
+    args = example if isinstance(example, tuple) else (example,)
     try:
         with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp, no_mha_fastpath():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(), (x,), str(tmp), input_names=["input"], output_names=["output"],
+                model.eval(), args, str(tmp), input_names=names, output_names=["output"],
                 opset_version=OPSET, dynamo=False,
             )
     except Exception as e:

@@ -2,7 +2,8 @@
 same steps so that the reported accuracy delta stays fair (extra training is never mistaken for pruning quality).
 
 Each model starts from its trial's recovered weights (the search's recovery budget), trains ``steps`` more steps
-with the search space's optimiser settings (optionally distilled from the dense model), and is written to
+with the search space's optimiser settings (optionally distilled from the dense model; always so on unlabelled
+data), is scored by the run's objective (accuracy or a fidelity figure: hwprune.fidelity), and is written to
 ``RUN/models/trial-N/finetuned/`` (ONNX, PyTorch, metrics.json); ``RUN/finetune.csv`` lists every result.
 """
 from __future__ import annotations
@@ -14,19 +15,29 @@ from typing import Callable, Dict, List, Optional
 import pandas as pd
 
 from hwprune.errors import RunError
-from hwprune.export import save_torch, to_onnx
+from hwprune.export import save_torch
 from hwprune.plan import PruningPlan
-from hwprune.recover import evaluate, train
+from hwprune.fidelity import quality
+from hwprune.recover import train
 from hwprune.results import rebuild_model
 from hwprune.workload import Workload
 
 
 def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Optional[float] = None, seed: int = 0):
-    """``steps`` more fine-tuning steps with the space's recovery settings; KD from the dense model if ``distill``."""
+    """``steps`` more fine-tuning steps with the space's recovery settings; KD from the dense model if ``distill``
+    (or the data has no labels)."""
     r = workload.space.recovery
+    distill = distill or not workload.data.labeled
     return train(model, workload.data, steps=steps, lr=lr if lr is not None else r.lr, batch_size=r.batch_size,
                  optimizer=r.optimizer, weight_decay=r.weight_decay, teacher=workload.model if distill else None,
-                 temperature=r.distill_temperature, alpha=r.distill_alpha, seed=seed)
+                 temperature=r.distill_temperature, alpha=r.distill_alpha, seed=seed,
+                 distill_loss=r.distill_loss or "kl")
+
+
+def _figure(workload: Workload, model, run_dir: Path) -> float:
+    """The run's objective as reported: accuracy, agreement, cosine (fractions, higher is better) or kl (nats,
+    lower is better)."""
+    return quality(model, workload.model, workload.data, workload.objective, cache_dir=run_dir)[workload.objective]
 
 
 def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, rows: pd.DataFrame, steps: int,
@@ -43,6 +54,7 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
         raise RunError(f"{run_dir} has no completed dense trial to fine-tune alike; the comparison needs it")
     chosen = pd.concat([dense.head(1), rows[rows.trial != dense.iloc[0].trial]])
     lat_cols = [c for c in trials.columns if c.startswith(("latency_ms:", "speedup:"))]
+    name = workload.objective
     results: List[Dict[str, object]] = []
     for _, row in chosen.iterrows():
         trial = int(row.trial)
@@ -50,26 +62,30 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
         if not weights.is_file():
             raise RunError(f"trial {trial} of {run_dir} has no recovered weights ({weights}); it was not trained")
         model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), weights)
-        before = evaluate(model, workload.data)
+        before = _figure(workload, model, run_dir)
         model = finetune_model(workload, model, steps, distill, lr, seed)
-        after = evaluate(model, workload.data)
+        after = _figure(workload, model, run_dir)
         out = run_dir / "models" / f"trial-{trial}" / "finetuned"
         out.mkdir(parents=True, exist_ok=True)
-        to_onnx(model, (1, *workload.input_shape), out / "model.onnx")
+        workload.export_onnx(model, out / "model.onnx")
         save_torch(model, out / "model.pt")
         res = {"trial": trial, "role": row.role, "plan_summary": row.plan_summary, "steps": steps,
-               "distill": bool(distill), "accuracy_search": float(row.accuracy), "accuracy_before": before,
-               "accuracy_finetuned": after, **{c: row[c] for c in lat_cols if pd.notna(row[c])}}
+               "distill": bool(distill or not workload.data.labeled), f"{name}_search": float(row[name]),
+               f"{name}_before": before, f"{name}_finetuned": after,
+               **{c: row[c] for c in lat_cols if pd.notna(row[c])}}
         results.append(res)
-        log(f"trial {trial}: accuracy {before:.4f} -> {after:.4f} after {steps} more steps"
-            + (" (distilled)" if distill else ""))
+        log(f"trial {trial}: {name} {before:.4f} -> {after:.4f} after {steps} more steps"
+            + (" (distilled)" if res["distill"] else ""))
     table = pd.DataFrame(results)
-    dense_after = float(table.iloc[0].accuracy_finetuned)
-    table["delta_vs_dense_pp"] = 100 * (table.accuracy_finetuned - dense_after)
+    dense_after = float(table.iloc[0][f"{name}_finetuned"])
+    if name == "kl":  # nats, lower is better
+        table["delta_vs_dense_nats"] = table[f"{name}_finetuned"] - dense_after
+    else:  # fractions: percentage points
+        table["delta_vs_dense_pp"] = 100 * (table[f"{name}_finetuned"] - dense_after)
     for _, res in table.iterrows():
         path = run_dir / "models" / f"trial-{int(res.trial)}" / "finetuned" / "metrics.json"
         path.write_text(json.dumps({**{k: (v.item() if hasattr(v, "item") else v) for k, v in res.items()},
-                                    "dense_accuracy_finetuned": dense_after}, indent=2, sort_keys=True))
+                                    f"dense_{name}_finetuned": dense_after}, indent=2, sort_keys=True))
     previous = run_dir / "finetune.csv"
     if previous.is_file():  # keep results of other trials fine-tuned earlier
         old = pd.read_csv(previous)

@@ -19,20 +19,23 @@ DEFAULT_MAX_DROP = 0.05  # accuracy (fraction) below dense at the reference poin
 @dataclass(frozen=True)
 class Reference:
     dense_ms: float
-    dense_accuracy: float
+    dense_accuracy: float  # the dense trial's figure of the quality objective (accuracy, or a fidelity)
     max_drop: float = DEFAULT_MAX_DROP
+    quality: str = "accuracy"  # the quality objective's column name, used in every label
 
     @property
     def accuracy_floor(self) -> float:
         return self.dense_accuracy - self.max_drop
 
     def describe(self) -> str:
-        return (f"reference point: latency = dense ({self.dense_ms:.4g} ms, relative 1.0), accuracy = dense - "
-                f"{100 * self.max_drop:g} pp ({self.accuracy_floor:.4f}); area in (relative latency x accuracy)")
+        q = self.quality
+        return (f"reference point: latency = dense ({self.dense_ms:.4g} ms, relative 1.0), {q} = dense - "
+                f"{100 * self.max_drop:g} pp ({self.accuracy_floor:.4f}); area in (relative latency x {q})")
 
     def to_dict(self) -> Dict[str, float]:
-        return {"latency_relative": 1.0, "latency_ms": self.dense_ms, "accuracy": self.accuracy_floor,
-                "dense_accuracy": self.dense_accuracy, "max_accuracy_drop": self.max_drop}
+        q = self.quality
+        return {"latency_relative": 1.0, "latency_ms": self.dense_ms, q: self.accuracy_floor,
+                f"dense_{q}": self.dense_accuracy, f"max_{q}_drop": self.max_drop}
 
 
 def hypervolume(points: Iterable[Tuple[float, float]], ref: Reference) -> float:

@@ -5,12 +5,12 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
 
-def ort_layer_breakdown(backend, onnx_path: str, input_shape: Sequence[int], runs: int = 20) -> List[Dict]:
+def ort_layer_breakdown(backend, onnx_path: str, input_shape, runs: int = 20) -> List[Dict]:
     """Mean time per ONNX node over ``runs`` profiled runs, largest first, with its share of the node total.
 
     ``backend`` is an OnnxRuntimeBackend (it fixes provider, threads and optimisation level, so the breakdown
@@ -18,8 +18,7 @@ def ort_layer_breakdown(backend, onnx_path: str, input_shape: Sequence[int], run
     """
     with tempfile.TemporaryDirectory() as tmp:
         sess = backend.session(onnx_path, enable_profiling=True, profile_prefix=os.path.join(tmp, "ort"))
-        inp = sess.get_inputs()[0]
-        feeds = {inp.name: np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)}
+        feeds = backend.feeds(sess, input_shape)  # the same inputs the latency figure used (image or tokens)
         for _ in range(3):  # warm-up runs are profiled too; they are dropped below by taking the last ``runs``
             sess.run(None, feeds)
         for _ in range(runs):

@@ -5,6 +5,8 @@ References accepted by ``--model``:
   torchvision:NAME             a torchvision classification model (random init; ``--weights FILE`` loads a state_dict)
   path/to/model.pt             a whole model saved with ``torch.save(model)``
   package.module:factory       a callable returning an nn.Module (``--weights`` applies here too)
+  hf:DIR                       a Hugging Face model saved in DIR (config.json + weights; see hwprune/hf_models.py)
+  hf-package:PKG               the Hugging Face model directory shipped inside the installed Python package PKG
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from hwprune.atomic import atomic_path
 from hwprune.errors import ModelError
 
-MODEL_CHOICES = "demo, torchvision:NAME, FILE.pt (torch.save of a whole model), package.module:factory"
+MODEL_CHOICES = ("demo, torchvision:NAME, FILE.pt (torch.save of a whole model), package.module:factory, hf:DIR, "
+                 "hf-package:PKG")
 
 
 class DemoBlock(nn.Module):
@@ -168,6 +171,13 @@ def load_model(
 ) -> nn.Module:
     """Build the model a ``--model`` reference names (the demo is returned untrained; see ``prepare_demo``).
     A pickled model file is unpickled only with ``trust_pickle`` (``--trust-pickle``); weights are plain data."""
+    from hwprune.hf_models import is_hf_ref, load_hf_model
+
+    if is_hf_ref(ref):
+        if weights:
+            raise ModelError("--weights applies to torchvision:NAME and package.module:factory; an hf: model "
+                             "directory holds its own weights")
+        return load_hf_model(ref)
     if ref == "demo":
         model = DemoNet(in_channels=in_channels, num_classes=num_classes or 10)
     elif ref.startswith("torchvision:"):
@@ -187,22 +197,27 @@ def load_model(
     return model.eval()
 
 
-def check_input(model: nn.Module, input_shape: Sequence[int], what: str) -> torch.Tensor:
-    """Run one example through the model; an input that does not fit gets a one-line ModelError."""
-    x = torch.randn(1, *input_shape)
+def check_input(model: nn.Module, inputs: "InputSpec | Sequence[int]", what: str):
+    """Run one example (batch 1) through the model; an input that does not fit gets a one-line ModelError.
+    The output must be one tensor [batch, N]: classifier logits, or an encoder's embedding. Returns the example."""
+    from hwprune.inputs import InputSpec, call_model
+
+    spec = inputs if isinstance(inputs, InputSpec) else InputSpec.image(inputs)
+    x = spec.example(1)
+    described = tuple(x.shape) if spec.is_image else spec.describe(1)
+    fix = "pass --input-shape C,H,W that fits the model, or data that does" if spec.is_image else \
+        "pass --inputs that fit the model (names, dtypes, sequence length)"
     try:
         with torch.no_grad():
-            y = model.eval()(x)
+            y = call_model(model.eval(), x)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"the model does not accept input of shape {tuple(x.shape)} from {what} ({msg}); pass --input-shape C,H,W "
-            f"that fits the model, or data that does"
-        ) from e
+        raise ModelError(f"the model does not accept input of shape {described} from {what} ({msg}); {fix}") from e
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ModelError(
-            f"the model's output for input {tuple(x.shape)} is {type(y).__name__} "
-            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}; hwprune expects classifier logits [batch, classes]"
+            f"the model's output for input {described} is {type(y).__name__} "
+            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}; hwprune expects one tensor [batch, N]: "
+            f"classifier logits or an embedding"
         )
     return x
 

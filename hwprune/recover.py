@@ -2,7 +2,9 @@
 
 Every candidate, and the dense reference, gets the same budget (BN recalibration, then a fixed number of
 fine-tuning steps with a cosine learning rate, optionally distilled from the dense model), so extra training is
-never mistaken for pruning quality.
+never mistaken for pruning quality. Unlabelled data has no hard labels to train on: there the whole budget is spent
+on distillation from the dense model (``budget.distill_loss``: KL on logits at the budget's temperature, or
+cosine + MSE on embeddings), whatever ``distill`` says.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 
 from hwprune.config import RecoveryBudget
 from hwprune.data import DataBundle
+from hwprune.errors import DataError
+from hwprune.fidelity import comparable, distillation_loss, forward, primary_output
 from hwprune.structures.masks import hold
 
 
@@ -24,8 +28,11 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256) -> float
     """Top-1 accuracy on the validation split (never on training data)."""
     model.eval()
     correct = total = 0
+    if not data.labeled:
+        raise DataError(f"data {data.name!r} has no labels, so accuracy cannot be measured; use a fidelity "
+                        f"objective (agreement, cosine or kl)")
     for x, y in data.loader("val", batch_size):
-        correct += (model(x).argmax(1) == y).sum().item()
+        correct += (primary_output(forward(model, x)).argmax(1) == y).sum().item()
         total += y.numel()
     return correct / max(total, 1)
 
@@ -42,7 +49,7 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, batch_size:
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
     for x, _ in itertools.islice(data.loader("train", batch_size, shuffle=True, seed=seed), batches):
-        model(x)
+        forward(model, x)
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()
@@ -70,14 +77,21 @@ def train(
     on_step: Optional[Callable[[int], None]] = None,
     extra_loss: Optional[Callable[[], torch.Tensor]] = None,
     before_step: Optional[Callable[[int], None]] = None,
+    distill_loss: str = "kl",
 ) -> nn.Module:
-    """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE.
+    """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE, KD being
+    ``distill_loss`` (fidelity.distillation_loss). Unlabelled data: loss = KD alone (a teacher is required).
 
     Masked layers hold their masks (projection after every step). Recovery methods plug in through
     ``extra_loss()`` (a penalty added to the loss), ``before_step(step)`` (after backward, before the optimizer
     step: gradient surgery) and ``on_step(step)`` (after the step and the projection: mask updates)."""
     if steps <= 0:
         return model
+    if not data.labeled:
+        if teacher is None:
+            raise DataError(f"data {data.name!r} has no labels: recovery can only distil from the dense model, and "
+                            f"no teacher was given")
+        alpha = 1.0  # no hard labels exist: the whole loss is distillation
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
@@ -90,22 +104,20 @@ def train(
     model.train()
     with hold(opt, model):  # masked layers keep their zeros (and tied tiles) through every step
         _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-               before_step)
+               before_step, distill_loss)
     model.eval()
     return model
 
 
 def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-           before_step) -> None:
+           before_step, distill_loss="kl") -> None:
     for step, (x, y) in enumerate(itertools.islice(_batches(data, batch_size, seed), steps)):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        out = forward(model, x)
+        loss = F.cross_entropy(primary_output(out), y) if teacher is None or alpha < 1.0 else 0.0
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(x)
-            kd = F.kl_div(
-                F.log_softmax(logits / temperature, 1), F.softmax(t_logits / temperature, 1), reduction="batchmean"
-            ) * (temperature**2)
+                t_out = comparable(forward(teacher, x), x)
+            kd = distillation_loss(comparable(out, x), t_out, distill_loss, temperature)
             loss = alpha * kd + (1 - alpha) * loss
         if extra_loss is not None:
             loss = loss + extra_loss()
@@ -121,10 +133,13 @@ def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperatur
 
 def train_budget(model: nn.Module, data: DataBundle, budget: RecoveryBudget, steps: int,
                  teacher: Optional[nn.Module] = None, seed: int = 0, **hooks) -> nn.Module:
-    """``train`` with the budget's optimizer settings for ``steps`` of its steps (a recovery method's phase)."""
+    """``train`` with the budget's optimizer settings for ``steps`` of its steps (a recovery method's phase).
+    The teacher is used when the budget distils, and always on unlabelled data (nothing else to learn from)."""
+    distil = budget.distill or not data.labeled
     return train(model, data, steps=steps, lr=budget.lr, batch_size=budget.batch_size, optimizer=budget.optimizer,
-                 weight_decay=budget.weight_decay, teacher=teacher if budget.distill else None,
-                 temperature=budget.distill_temperature, alpha=budget.distill_alpha, seed=seed, **hooks)
+                 weight_decay=budget.weight_decay, teacher=teacher if distil else None,
+                 temperature=budget.distill_temperature, alpha=budget.distill_alpha, seed=seed,
+                 distill_loss=budget.distill_loss or "kl", **hooks)
 
 
 def recover(

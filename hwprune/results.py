@@ -17,7 +17,8 @@ import torch
 
 from hwprune.atomic import atomic_path, write_text
 from hwprune.errors import RunError
-from hwprune.export import save_torch, to_onnx
+from hwprune.export import save_torch
+from hwprune.fidelity import LABELS, QUALITY_COLUMNS
 from hwprune.plan import PruningPlan, replay_plan
 from hwprune.workload import Workload
 
@@ -37,7 +38,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "state": state,
             "role": t.user_attrs.get("role", "candidate"),
             "plan_summary": m.get("plan", ""),
-            "accuracy": m.get("accuracy"),
+            # accuracy, or the fidelity figures (agreement, cosine, kl, exp_neg_kl): whichever the run measured
+            **{c: m.get(c) for c in QUALITY_COLUMNS if c in m},
             "macs": m.get("macs"),
             "params": m.get("params"),
             "bytes": m.get("bytes"),
@@ -124,7 +126,7 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]
     if budget_ms is not None:
         ax.axvline(budget_ms, ls="--", c="#c44", label=f"budget {budget_ms:g} ms")
     ax.set_xlabel(f"latency (ms, median) on {x[len(LAT_PREFIX):]}")
-    ax.set_ylabel("validation accuracy" if y == "accuracy" else "MACs kept")
+    ax.set_ylabel(LABELS.get(y, "MACs kept" if y == "macs" else y))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -151,7 +153,7 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
     plan = PruningPlan.from_json(row["plan"])
     weights = Path(run_dir) / "trials" / f"trial-{int(row['trial'])}" / "state_dict.pt"
     model = rebuild_model(workload, plan, weights)
-    to_onnx(model, (batch_size, *workload.input_shape), out_dir / "model.onnx")
+    workload.export_onnx(model, out_dir / "model.onnx", batch_size)
     save_torch(model, out_dir / "model.pt")
     metrics = {k: _jsonable(v) for k, v in row.items() if k != "plan"}
     metrics["plan"] = json.loads(row["plan"])
@@ -161,6 +163,8 @@ def export_trial(workload: Workload, run_dir: Path, row: pd.Series, out_dir: Pat
         metrics["structures"] = reports
         metrics["sparse_formats"] = write_sparse_weights(model, reports, out_dir / "sparse_weights.pt")
     metrics["input_shape"] = [batch_size, *workload.input_shape]
+    if not workload.inputs.is_image:
+        metrics["inputs"] = workload.resolved_inputs.to_dict()
     metrics["weights"] = "recovered (fine-tuned)" if weights.is_file() else "pruned from the dense weights, no recovery"
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return out_dir
@@ -210,7 +214,8 @@ def retime_front(workload: Workload, run_dir: Path, df: pd.DataFrame, front: pd.
     run_dir = Path(run_dir)
     backend = make_backend(dataclasses.replace(profile, measure=settings))
     dense = df[df.role == "dense"].iloc[0]
-    shape = (profile.batch_size, *workload.input_shape)
+    # the files export_trial writes: the one image input at the profile's batch, or the workload's token inputs
+    shape = workload.latency_inputs(profile) if workload.inputs.is_image else workload.resolved_inputs
     paths = {}
     for _, row in pd.concat([dense.to_frame().T, front]).iterrows():
         path = run_dir / "models" / f"trial-{int(row.trial)}" / "model.onnx"

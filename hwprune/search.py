@@ -1,6 +1,8 @@
 """The search: an ordinary multi-objective Optuna study over per-group pruning ratios.
 
-Objectives: validation accuracy (up) and measured latency per device profile (down), optionally MACs (down).
+Objectives: validation accuracy (up) -- or, chosen instead (``--objective``), a fidelity to the dense model on
+held-out inputs (agreement, cosine, or exp(-KL): hwprune.fidelity), up -- and measured latency per device profile
+(down), optionally MACs (down).
 Without data (latency-only work) the accuracy objective is replaced by the MACs a plan keeps (up), so the front
 holds, for each latency, the plan that keeps the most compute. The latency budget is an Optuna constraint; a trial
 over budget ends before any training and is recorded as infeasible. Trial 0 is the dense model with the same
@@ -17,12 +19,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import optuna
 
 from hwprune import storage as shared
 from hwprune.errors import BudgetError, ConfigError, RunError
+from hwprune.fidelity import OBJECTIVE_COLUMN, WORST
+from hwprune.inputs import InputSpec
 from hwprune.latency import DeviceProfile
 from hwprune.plan import PruningPlan
 from hwprune.trial import LatencyMeter, TrialOutcome, run_trial
@@ -57,7 +61,7 @@ class SearchConfig:
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
-    names = ["accuracy" if workload.data is not None else "macs_kept"]
+    names = [OBJECTIVE_COLUMN[workload.objective] if workload.data is not None else "macs_kept"]
     names += [f"latency_ms:{p.name}" for p in profiles]
     if macs_objective and workload.data is not None:
         names.append("macs")
@@ -65,7 +69,7 @@ def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_
 
 
 def directions(names: Sequence[str]) -> List[str]:
-    return ["maximize" if n in ("accuracy", "macs_kept") else "minimize" for n in names]
+    return ["maximize" if n in WORST or n == "macs_kept" else "minimize" for n in names]
 
 
 def make_sampler(name: str, seed: int, trials: int, constrained: bool):
@@ -106,6 +110,13 @@ def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False,
             load_if_exists=True,
         )
         stored = study.user_attrs.get("objectives")
+        if stored and names and stored[0] != names[0]:
+            objective = {col: obj for obj, col in OBJECTIVE_COLUMN.items()}
+            was, now = (objective.get(n, n) for n in (stored[0], names[0]))
+            raise RunError(
+                f"study {cfg.study_name!r} optimises {was!r}, not {now!r}; resume it with the same --objective "
+                f"(and data), or use another --study name or --out"
+            )
         if stored is not None and list(stored) != list(names):
             raise RunError(
                 f"study {cfg.study_name!r} was created with objectives {stored}, not {list(names)}; use another "
@@ -147,9 +158,9 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
 def _values(outcome: TrialOutcome, names: Sequence[str], dense_macs: int) -> List[float]:
     vals = []
     for n in names:
-        if n == "accuracy":
-            # An infeasible trial is never trained; 0 is the worst accuracy and keeps the sampler informed.
-            vals.append(outcome.accuracy if outcome.accuracy is not None else 0.0)
+        if n in WORST:
+            # An infeasible trial is never trained; the objective's worst value keeps the sampler informed.
+            vals.append(outcome.score if outcome.score is not None else WORST[n])
         elif n == "macs_kept":
             vals.append(outcome.costs.macs / dense_macs)
         elif n == "macs":
@@ -234,7 +245,7 @@ def run_search(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workload = workload.for_profiles(profiles)  # channel counts the targets need (profile channel_multiple)
-    meter = LatencyMeter(profiles, workload.model, workload.input_shape, out)
+    meter = LatencyMeter(profiles, workload.model, workload.inputs, out)
     try:
         return _run_search(workload, profiles, cfg, meter, log)
     finally:
@@ -333,6 +344,17 @@ def check_search_config(cfg: SearchConfig) -> None:
                           f"or live trials would be taken for dead ones; raise --grace")
 
 
+def _check_same_inputs(attrs: Dict[str, Any], workload: Workload) -> None:
+    """A resume must feed the model what the study measured: other --inputs are refused in one line."""
+    if "inputs" not in attrs:  # a study from before input specs: one image input
+        return
+    now = None if workload.inputs.is_image else workload.inputs.to_dict()
+    if attrs["inputs"] != now:
+        was = "the one image input" if attrs["inputs"] is None else InputSpec.from_dict(attrs["inputs"]).to_text()
+        raise ConfigError(f"the study was created with inputs {was}, not {workload.inputs.to_text()}; resume with "
+                          f"the same --inputs or start a new --study")
+
+
 def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[DeviceProfile], meter: LatencyMeter,
                  cfg: SearchConfig, names: Sequence[str], log: Callable[[str], None] = print) -> None:
     """Once per study, under the storage lock: what the study was made of (files as content), and the dense
@@ -343,17 +365,22 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
     if "objectives" in study.user_attrs:
         for line in provenance.check_unchanged(study.user_attrs, files, cfg.allow_changed_config):
             log(f"warning: resuming with a changed {line} ({provenance.OVERRIDE_FLAG})")
+        _check_same_inputs(study.user_attrs, workload)
     else:
         for key, value in files.items():
             study.set_user_attr(key, value)
         study.set_user_attr("image_size", workload.image_size)
         study.set_user_attr("objectives", names)
+        study.set_user_attr("objective", workload.objective)
         study.set_user_attr("model", workload.model_ref)
         study.set_user_attr("weights", workload.weights)
         study.set_user_attr("data", workload.data_ref)
         study.set_user_attr("search_space", workload.space.source or workload.space.name)
         study.set_user_attr("profiles", [p.source or p.name for p in profiles])
         study.set_user_attr("input_shape", list(workload.input_shape))
+        # named (token) inputs with their sequence length, so that export / verify / resume rebuild alike
+        study.set_user_attr("inputs", None if workload.inputs.is_image else workload.inputs.to_dict())
+        study.set_user_attr("sequence_length", workload.sequence_length)
         study.set_user_attr("latency_budget_ms", cfg.latency_budget_ms)
         study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
         study.set_user_attr("fingerprints", meter.fingerprints())
@@ -471,6 +498,9 @@ def _lut_screen(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, stud
     if cfg.latency_budget_ms is None:
         raise ConfigError(f"--lut {cfg.lut_path} screens against a latency budget; give --latency-budget-ms too")
     from hwprune.latency.lut import LatencyTable, LutScreen
+    from hwprune.latency.lut.build import check_image_inputs
+
+    check_image_inputs(workload, "--lut")
 
     bp = cfg.budget_profile or profiles[0].name
     table = LatencyTable.load(cfg.lut_path, fingerprint=meter.backends[bp].fingerprint(), space=workload.space.name,
@@ -500,11 +530,11 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
     trial.set_user_attr("feasible", False)
     trial.set_user_attr("reason", reason)
     trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms])
-    metrics = {"accuracy": None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
+    metrics = {OBJECTIVE_COLUMN[workload.objective]: None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
     values = []
     for n in names:
-        if n == "accuracy":
-            values.append(0.0)  # never trained: the worst accuracy, as for measured over-budget trials
+        if n in WORST:
+            values.append(WORST[n])  # never trained: the worst value, as for measured over-budget trials
         elif n == "macs_kept":
             values.append(macs / dense_macs)
         elif n == "macs":

@@ -1,5 +1,6 @@
 """One candidate, start to finish: plan -> physically smaller model -> costs -> ONNX -> latency on every
-profile -> (stop here if over the latency budget: no training is spent on it) -> recovery -> accuracy."""
+profile -> (stop here if over the latency budget: no training is spent on it) -> recovery -> quality (accuracy, or
+fidelity to the dense model on held-out inputs: hwprune.fidelity)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import torch.nn as nn
 from hwprune.atomic import atomic_path, write_text
 from hwprune.costs import Costs, measure_costs
 from hwprune.export import to_onnx
+from hwprune.inputs import InputSpec, measured_inputs
 from hwprune.latency import (
     DeviceProfile,
     LatencyCache,
@@ -27,7 +29,8 @@ from hwprune.latency import (
     onnx_architecture_hash,
 )
 from hwprune.plan import PruningPlan, apply_plan
-from hwprune.recover import evaluate, recover
+from hwprune.fidelity import OBJECTIVE_COLUMN, quality
+from hwprune.recover import recover
 from hwprune.structures.delivered import delivered_reports
 from hwprune.workload import Workload
 
@@ -54,11 +57,12 @@ class LatencyMeter:
     profile whose backend is missing fails before any trial runs.
     """
 
-    def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module, input_shape: Sequence[int],
-                 workdir: Path, cache: bool = True):
+    def __init__(self, profiles: Sequence[DeviceProfile], reference: nn.Module,
+                 input_shape: "Sequence[int] | InputSpec", workdir: Path, cache: bool = True):
         self.profiles = list(profiles)
         self.backends = {p.name: make_backend(p) for p in self.profiles}
-        self.input_shape = tuple(input_shape)
+        # a plain shape is the one image input of one sample (C, H, W); an InputSpec names every input
+        self.inputs = input_shape if isinstance(input_shape, InputSpec) else InputSpec.image(input_shape)
         self.workdir = Path(workdir)
         self.reference = reference
         self.cache = LatencyCache(self.workdir / "latency_cache.sqlite") if cache else None
@@ -67,22 +71,32 @@ class LatencyMeter:
         self.reference_stats = {p.name: self._reference_stats(p) for p in self.profiles}
         self.reference_ms = {name: s.median_ms for name, s in self.reference_stats.items()}
 
-    def _export(self, model: nn.Module, workdir: Path) -> Dict[int, Path]:
+    def _export_key(self, p: DeviceProfile) -> str:
+        """One ONNX file per batch size (and sequence length, for token inputs)."""
+        if self.inputs.is_image:
+            return f"b{p.batch_size}"
+        return f"b{p.batch_size}-s{self.inputs.for_profile(p).shapes(1)[self.inputs.names[0]][-1]}"
+
+    def _export(self, model: nn.Module, workdir: Path) -> Dict[str, Path]:
         out = {}
         for p in self.profiles:
-            if p.batch_size not in out:
-                path = Path(workdir) / f"model-b{p.batch_size}.onnx"
-                out[p.batch_size] = to_onnx(model, (p.batch_size, *self.input_shape), path)
+            key = self._export_key(p)
+            if key not in out:
+                path = Path(workdir) / f"model-{key}.onnx"
+                if self.inputs.is_image:
+                    out[key] = to_onnx(model, self._shape(p), path)
+                else:
+                    out[key] = to_onnx(model, self.inputs.for_profile(p), path, batch=p.batch_size)
         return out
 
     def _shape(self, p: DeviceProfile):
-        return (p.batch_size, *self.input_shape)
+        return measured_inputs(self.inputs, p)
 
     def _hash(self, p: DeviceProfile, path: str) -> str:
         return file_sha256(path) if weights_matter(p) else onnx_architecture_hash(path)
 
     def _reference_stats(self, p: DeviceProfile) -> LatencyStats:
-        path = str(self.reference_onnx[p.batch_size])
+        path = str(self.reference_onnx[self._export_key(p)])
         return cached_measure(self.cache, self.backends[p.name], path, self.reference, self._shape(p),
                               model_hash=self._hash(p, path), settings=p.measure.to_dict())
 
@@ -103,7 +117,8 @@ class LatencyMeter:
         onnx = self._export(model, workdir)
         out = {}
         for p in self.profiles:
-            path, ref_path = str(onnx[p.batch_size]), str(self.reference_onnx[p.batch_size])
+            key = self._export_key(p)
+            path, ref_path = str(onnx[key]), str(self.reference_onnx[key])
 
             def pair(cache):
                 return cached_measure_pair(
@@ -171,13 +186,32 @@ class TrialOutcome:
     plan: PruningPlan
     costs: Costs
     latency: Dict[str, ProfileLatency]
-    accuracy: Optional[float] = None
+    objective: str = "accuracy"  # what ``quality`` was measured for
+    quality: Dict[str, float] = field(default_factory=dict)  # accuracy, or the fidelity figures; empty: not trained
     feasible: bool = True
     reason: str = ""
     seconds: Dict[str, float] = field(default_factory=dict)
     structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
     recovery: Optional[str] = None  # the recovery method that trained the delivered weights
     recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
+
+    @property
+    def score(self) -> Optional[float]:
+        """The value the search maximises (accuracy, agreement, cosine or exp(-kl)); None when not trained."""
+        return self.quality.get(OBJECTIVE_COLUMN[self.objective])
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.quality.get("accuracy")
+
+    def quality_metrics(self) -> Dict[str, Optional[float]]:
+        """The objective's own columns (None when not trained) and every other figure measured."""
+        cols = {"accuracy": ["accuracy"], "kl": ["kl", "exp_neg_kl"]}.get(self.objective, [self.objective])
+        return {**{c: None for c in cols}, **self.quality}
+
+    def describe_quality(self) -> str:
+        """One line of the measured quality figures, e.g. 'agreement 0.9812  cosine 0.9950  kl 0.0213'."""
+        return "  ".join(f"{k} {v:.4f}" for k, v in self.quality.items() if k != "exp_neg_kl")
 
     @property
     def macs_effective(self) -> int:
@@ -194,7 +228,8 @@ class TrialOutcome:
     def metrics(self) -> Dict[str, Any]:
         """Flat, JSON-ready metrics (units in the names)."""
         m: Dict[str, Any] = {
-            "accuracy": self.accuracy,
+            **self.quality_metrics(),
+            "objective": self.objective,
             "feasible": self.feasible,
             "reason": self.reason,
             **self.costs.to_dict(),
@@ -221,6 +256,13 @@ class TrialOutcome:
         return m
 
 
+def dense_cache_dir(workdir: Path) -> Path:
+    """Where a run keeps the dense model's held-out outputs: the run directory (trials live in RUN/trials/trial-N,
+    baselines in RUN/baselines/TAG; a single ``prune`` uses its own --out)."""
+    workdir = Path(workdir)
+    return workdir.parent.parent if workdir.parent.name in ("trials", "baselines") else workdir
+
+
 def run_trial(
     workload: Workload,
     plan: PruningPlan,
@@ -242,7 +284,7 @@ def run_trial(
     write_text(workdir / "plan.json", plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
-    outcome = TrialOutcome(plan, costs, {}, seconds={"prune": t1 - t0},
+    outcome = TrialOutcome(plan, costs, {}, objective=workload.objective, seconds={"prune": t1 - t0},
                            structures=delivered_reports(model, [r.to_dict() for r in reports]))
     dense_macs = meter.dense_macs(workload.example_input)
     macs_cut = dense_macs / outcome.macs_effective if outcome.macs_effective > 0 and dense_macs else None
@@ -257,13 +299,16 @@ def run_trial(
             if not evaluate_over_budget:
                 return outcome, model
     if train and workload.data is not None:
-        teacher = workload.model if workload.space.recovery.distill else None
+        # unlabelled data: distillation from the dense model is the only thing recovery can learn from
+        distil = workload.space.recovery.distill or not workload.data.labeled
+        teacher = workload.model if distil else None
         notes: List[str] = []
         model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed,
                         method=plan.recovery_method, log=notes.append)
         outcome.recovery = plan.recovery_method or workload.space.recovery.method[0]
         outcome.recovery_notes = notes
-        outcome.accuracy = evaluate(model, workload.data)
+        outcome.quality = quality(model, workload.model, workload.data, workload.objective,
+                                  cache_dir=dense_cache_dir(workdir))
         outcome.structures = delivered_reports(model, outcome.structures)  # what recovery delivered, not the plan
         outcome.seconds["recover"] = time.perf_counter() - t2
         with atomic_path(workdir / "state_dict.pt") as tmp:

@@ -72,9 +72,27 @@ def _model_file(run_dir: Path, trial: int, batch: int) -> Path:
     out = run_dir / "verify" / f"b{batch}" / f"trial-{trial}.onnx"
     if not out.is_file():
         model = torch.load(folder / "model.pt", weights_only=False)  # this run's own export
-        shape = json.loads((folder / "metrics.json").read_text())["input_shape"][1:]
-        to_onnx(model, (batch, *shape), out)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if metrics.get("inputs"):  # named (token) inputs
+            from hwprune.inputs import InputSpec
+
+            to_onnx(model, InputSpec.from_dict(metrics["inputs"]), out, batch=batch)
+        else:
+            to_onnx(model, (batch, *metrics["input_shape"][1:]), out)
     return out
+
+
+def _reference_file(run_dir: Path, batch: int, model_file: Optional[Path]) -> Path:
+    """The dense model the search timed at ``batch``; for token inputs (one file per sequence length), the one
+    at the exported front models' sequence length."""
+    plain = run_dir / "reference" / f"model-b{batch}.onnx"
+    if plain.is_file() or model_file is None:
+        return plain
+    inputs = _onnx_shape(model_file)
+    if isinstance(inputs, list):
+        return plain
+    length = inputs.fields[0].shape[-1]
+    return run_dir / "reference" / f"model-b{batch}-s{length}.onnx"
 
 
 def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int,
@@ -93,11 +111,19 @@ def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int
     return out
 
 
-def _onnx_shape(path: Path) -> List[int]:
+def _onnx_shape(path: Path):
+    """What the worker is handed for an exported file: the plain shape of a model with one image input, else the
+    input spec its named inputs declare (token ids are then zeros: the same work as any other ids)."""
     import onnx
 
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    from hwprune.inputs import IMAGE_INPUT_NAME, InputField, InputSpec
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    shapes = [[d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim] for i in inputs]
+    dtypes = ["int64" if i.type.tensor_type.elem_type == onnx.TensorProto.INT64 else "float32" for i in inputs]
+    if len(inputs) == 1 and inputs[0].name == IMAGE_INPUT_NAME and dtypes[0] == "float32":
+        return shapes[0]
+    return InputSpec(tuple(InputField(i.name, t, tuple(s[1:])) for i, t, s in zip(inputs, dtypes, shapes)))
 
 
 def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rounds: int = 3,
@@ -125,13 +151,12 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
         ratio_col = f"latency_ratio:{p.name}"
         if ratio_col not in front.columns:
             raise RunError(f"{pareto_path} has no column {ratio_col}; rerun the search with this version")
-        dense_path = run_dir / "reference" / f"model-b{p.batch_size}.onnx"
+        trials = [int(t) for t in front.trial if front.loc[front.trial == t, ratio_col].notna().all()]
+        models = {f"trial-{t}": _model_file(run_dir, t, p.batch_size) for t in trials}
+        dense_path = _reference_file(run_dir, p.batch_size, next(iter(models.values()), None))
         if not dense_path.is_file():
             raise RunError(f"{dense_path} (the dense model the search compared against) is missing")
-        files = {"dense": dense_path}
-        trials = [int(t) for t in front.trial if front.loc[front.trial == t, ratio_col].notna().all()]
-        for t in trials:
-            files[f"trial-{t}"] = _model_file(run_dir, t, p.batch_size)
+        files = {"dense": dense_path, **models}
         times = time_files_alone(p, files, rounds, log)
         for t in trials:
             per_round = [d / m for d, m in zip(times["dense"], times[f"trial-{t}"])]

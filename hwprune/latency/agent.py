@@ -13,7 +13,8 @@ Protocol (JSON over HTTP; every request carries ``Authorization: Bearer <token>`
   PUT  /models/<sha256>     ONNX bytes; stored content-addressed after checking hash and that ONNX Runtime
                             can load it -> 201 {"stored": sha} (200 {"have": true} when already stored)
   POST /fingerprint         {"options", "batch_size"} -> {"fingerprint"} of the ORT backend with those options
-  POST /measure             {"model", "reference"?, "input_shape", "settings", "options"}
+  POST /measure             {"model", "reference"?, "input_shape" | "inputs" (input spec) + "batch_size",
+                             "settings", "options"}
                             -> {"stats"} or, with a reference, {"pair"} (interleaved), plus {"fingerprint"}
 Errors: {"error": one line, "kind": error class}. Measurements (and model checks) hold one lock, so they never
 overlap on the device.
@@ -33,6 +34,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from hwprune.errors import BackendUnavailable, ConfigError, HwpruneError, ModelError
+from hwprune.inputs import InputSpec
 from hwprune.latency.base import DeviceProfile, MeasureSettings
 from hwprune.latency.measure import environment_fingerprint
 from hwprune.latency.onnxruntime_backend import OPTIONS as ORT_OPTIONS
@@ -350,9 +353,13 @@ class Handler(BaseHTTPRequestHandler):
             b = self.state.backend(req.get("options") or {}, batch, MeasureSettings())
             self._send(200, {"fingerprint": b.fingerprint()})
             return
-        shape = _check_shape(req.get("input_shape"))
+        if req.get("inputs") is not None:  # named inputs (token ids, masks): batch given beside them
+            shape, batch = _check_spec(req.get("inputs"), req.get("batch_size", 1))
+        else:
+            shape = _check_shape(req.get("input_shape"))
+            batch = shape[0]
         settings = self._settings(req.get("settings"))
-        b = self.state.backend(req.get("options") or {}, shape[0], settings)
+        b = self.state.backend(req.get("options") or {}, batch, settings)
         model = self._stored(req.get("model"))
         ref = req.get("reference")
         with self.state.device():
@@ -401,6 +408,22 @@ def _check_shape(shape: Any) -> Tuple[int, ...]:
     if n > MAX_INPUT_ELEMENTS:
         raise HttpError(400, f"input_shape {shape} has {n} elements, over the agent's {MAX_INPUT_ELEMENTS}", "ModelError")
     return tuple(shape)
+
+
+def _check_spec(d: Any, batch: Any) -> Tuple[Any, int]:
+    """An input spec from a request (see hwprune/inputs.py) and its batch size, within the agent's limits."""
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise HttpError(400, f"batch_size must be a positive integer, got {batch!r}"[:200], "ConfigError")
+    if not isinstance(d, dict) or not isinstance(d.get("fields"), list) or not 1 <= len(d["fields"]) <= 16:
+        raise HttpError(400, "inputs must be an input spec with 1-16 fields", "ModelError")
+    try:
+        spec = InputSpec.from_dict(d)
+    except HwpruneError as e:
+        raise HttpError(400, str(e)[:200], "ModelError") from None
+    n = sum(math.prod(s) for s in spec.shapes(batch).values())
+    if n > MAX_INPUT_ELEMENTS:
+        raise HttpError(400, f"inputs have {n} elements, over the agent's {MAX_INPUT_ELEMENTS}", "ModelError")
+    return spec, batch
 
 
 def is_loopback(host: str) -> bool:

@@ -163,11 +163,19 @@ class MeasureSettings:
 @dataclass(frozen=True)
 class ModelArtifact:
     """What a backend measures: the exported ONNX file and the PyTorch module it came from (each backend uses the
-    form it runs), at ``input_shape`` (batch first; backends set the batch to the profile's ``batch_size``)."""
+    form it runs), at ``input_shape``: a plain shape of the one image input (batch first; backends set the batch
+    to the profile's ``batch_size``) or an ``hwprune.inputs.InputSpec`` (named inputs, batch from the profile)."""
 
     onnx_path: Optional[str]
     module: Any
-    input_shape: Tuple[int, ...]
+    input_shape: Any  # Tuple[int, ...] | InputSpec
+
+
+def frozen_inputs(inputs: Any) -> Any:
+    """A hashable form of what a backend is handed: an InputSpec as is, a plain shape as a tuple of ints."""
+    from hwprune.inputs import InputSpec
+
+    return inputs if isinstance(inputs, InputSpec) else tuple(int(d) for d in inputs)
 
 
 class LatencyBackend(abc.ABC):
@@ -222,8 +230,8 @@ class OnnxFileBackend(LatencyBackend):
 
     def measure_onnx_pair(self, candidate_path: str, reference_path: str, input_shape: Sequence[int]) -> PairedLatency:
         return LatencyBackend.measure_pair(
-            self, ModelArtifact(candidate_path, None, tuple(input_shape)),
-            ModelArtifact(reference_path, None, tuple(input_shape)))
+            self, ModelArtifact(candidate_path, None, frozen_inputs(input_shape)),
+            ModelArtifact(reference_path, None, frozen_inputs(input_shape)))
 
     def measure(self, model: ModelArtifact) -> LatencyStats:
         return self.measure_onnx(str(model.onnx_path), model.input_shape)
@@ -268,6 +276,7 @@ class DeviceProfile:
     name: str
     backend: str
     batch_size: int = 1
+    sequence_length: int = 128  # token inputs: the length measured, unless the input spec fixes one
     channel_multiple: int = 1  # kept channel counts the search rounds to (e.g. 8 for fp16 tensor cores)
     options: Dict[str, Any] = field(default_factory=dict)  # backend-specific (threads, provider, url, ...)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
@@ -283,6 +292,7 @@ class DeviceProfile:
             "name": self.name,
             "backend": self.backend,
             "batch_size": self.batch_size,
+            "sequence_length": self.sequence_length,
             "channel_multiple": self.channel_multiple,
             "options": dict(self.options),
             "measure": self.measure.to_dict(),
@@ -296,6 +306,7 @@ class DeviceProfile:
             name=str(d["name"]),
             backend=str(d["backend"]),
             batch_size=int(d.get("batch_size", 1)),
+            sequence_length=int(d.get("sequence_length", 128)),
             channel_multiple=int(d.get("channel_multiple", 1)),
             options=dict(d.get("options") or {}),
             measure=MeasureSettings.from_dict(d.get("measure"), f"profile {d['name']}: measure"),
@@ -306,7 +317,7 @@ class DeviceProfile:
 
 def measure_candidate(backend: LatencyBackend, onnx_path: str, module: Any, input_shape: Sequence[int]) -> LatencyStats:
     """Measure a candidate with whatever form the backend consumes (the module or the ONNX file)."""
-    return backend.measure(ModelArtifact(onnx_path, module, tuple(input_shape)))
+    return backend.measure(ModelArtifact(onnx_path, module, frozen_inputs(input_shape)))
 
 
 def measure_candidate_pair(
@@ -318,7 +329,7 @@ def measure_candidate_pair(
     input_shape: Sequence[int],
 ) -> PairedLatency:
     """Measure a candidate and the reference (dense) model interleaved in the same time window."""
-    shape = tuple(input_shape)
+    shape = frozen_inputs(input_shape)
     return backend.measure_pair(ModelArtifact(onnx_path, module, shape),
                                 ModelArtifact(reference_onnx_path, reference_module, shape))
 

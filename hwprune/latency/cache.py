@@ -20,11 +20,13 @@ from hwprune.latency.base import (
     LatencyBackend,
     LatencyStats,
     ModelArtifact,
+    frozen_inputs,
     PairedLatency,
     measure_candidate,
     measure_candidate_pair,
 )
 from hwprune.latency.measure import fingerprint_hash
+from hwprune.inputs import inputs_key
 
 Entry = Union[LatencyStats, PairedLatency]
 
@@ -82,7 +84,7 @@ def cache_key(
     parts = {
         "model": model_hash,
         "device": fingerprint_hash(fingerprint),
-        "shape": [int(d) for d in input_shape],
+        "shape": inputs_key(input_shape),
     }
     if reference_hash is not None:
         parts["reference"] = reference_hash
@@ -183,7 +185,7 @@ def _model_hash(backend: LatencyBackend, onnx_path: Optional[str], module: Any, 
                 given: Optional[str]) -> str:
     if given:
         return given
-    return backend.identity(ModelArtifact(onnx_path, module, tuple(input_shape)))
+    return backend.identity(ModelArtifact(onnx_path, module, frozen_inputs(input_shape)))
 
 
 def cached_measure(
@@ -206,7 +208,7 @@ def cached_measure(
     if isinstance(hit, LatencyStats):
         return hit
     stats = measure_candidate(backend, onnx_path, module, input_shape)  # type: ignore[arg-type]
-    cache.put(key, stats, {"model": mh, "backend": backend.name, "shape": list(input_shape)})
+    cache.put(key, stats, {"model": mh, "backend": backend.name, "shape": inputs_key(input_shape)})
     return stats
 
 
@@ -237,5 +239,5 @@ def cached_measure_pair(
     if isinstance(hit, PairedLatency):
         return hit
     pair = measure()
-    cache.put(key, pair, {"model": mh, "reference": rh, "backend": backend.name, "shape": list(input_shape)})
+    cache.put(key, pair, {"model": mh, "reference": rh, "backend": backend.name, "shape": inputs_key(input_shape)})
     return pair

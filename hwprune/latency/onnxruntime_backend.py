@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, ConfigError, ModelError
+from hwprune.inputs import InputSpec, inputs_key
 from hwprune.latency.base import (
     DeviceProfile,
     OnnxFileBackend,
@@ -235,6 +236,8 @@ class OnnxRuntimeBackend(OnnxFileBackend):
     def feeds(self, sess, input_shape: Sequence[int]) -> Dict[str, np.ndarray]:
         """Random inputs: the first input gets the measured shape (batch from the profile); further inputs get
         their declared shape with symbolic dimensions set to the batch size."""
+        if isinstance(input_shape, InputSpec):
+            return self._spec_feeds(sess, input_shape)
         shape = batched_shape(self.profile, input_shape)
         rng = np.random.default_rng(0)
         out: Dict[str, np.ndarray] = {}
@@ -263,6 +266,22 @@ class OnnxRuntimeBackend(OnnxFileBackend):
             else:
                 out[inp.name] = np.zeros(s, dtype=dtype)
         return out
+
+    def _spec_feeds(self, sess, spec: InputSpec) -> Dict[str, np.ndarray]:
+        """Feeds for a model exported from ``spec``: every input by name, batch from the profile."""
+        declared = {inp.name: inp for inp in sess.get_inputs()}
+        if set(declared) != set(spec.names):
+            raise ModelError(
+                f"the model's inputs ({', '.join(declared)}) are not the input spec's ({', '.join(spec.names)}); "
+                f"export the model with the same --inputs"
+            )
+        feeds = spec.numpy_feeds(self.profile.batch_size)
+        for name, arr in feeds.items():
+            want = _ORT_DTYPES.get(declared[name].type)
+            if want is None or np.dtype(want) != arr.dtype:
+                raise ModelError(f"model input {name!r} has type {declared[name].type}, but the input spec feeds "
+                                 f"{arr.dtype}; export the model with the same --inputs")
+        return feeds
 
     def runner(self, sess, input_shape: Sequence[int]):
         """A zero-argument call that runs the model once and returns when its outputs are ready."""
@@ -298,10 +317,15 @@ class OnnxRuntimeBackend(OnnxFileBackend):
         except Exception as e:  # ORT raises its own exception types
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ModelError(
-                f"{os.path.basename(str(onnx_path))} cannot run at input shape "
-                f"{list(batched_shape(self.profile, input_shape))} on {self.provider}: {msg}; check the input shape"
+                f"{os.path.basename(str(onnx_path))} cannot run at input shape {self._describe(input_shape)} on "
+                f"{self.provider}: {msg}; check the input shape"
             ) from e
         return run
+
+    def _describe(self, input_shape) -> str:
+        if isinstance(input_shape, InputSpec):
+            return input_shape.describe(self.profile.batch_size)
+        return str(list(batched_shape(self.profile, input_shape)))
 
     # -- interface -----------------------------------------------------------------------------------------------
 
@@ -358,7 +382,7 @@ class OnnxRuntimeBackend(OnnxFileBackend):
         from hwprune.latency.worker import ModelProcess
 
         st = os.stat(path)
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(int(d) for d in input_shape))
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, repr(inputs_key(input_shape)))
         held = getattr(self, "_reference_worker", None)
         if held is not None and held[0] == key and held[1].alive():
             return held[1]

@@ -28,6 +28,7 @@ import urllib.request
 from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 from hwprune.errors import BackendUnavailable, ConfigError, HwpruneError, ModelError
+from hwprune.inputs import InputSpec
 from hwprune.latency.cache import file_sha256
 from hwprune.latency.onnxruntime_backend import OPTIONS as ORT_OPTIONS
 from hwprune.latency.base import (
@@ -187,13 +188,20 @@ class AgentClient:
             {
                 "model": model_sha,
                 "reference": reference_sha,
-                "input_shape": [int(d) for d in input_shape],
+                **_inputs_body(input_shape),
                 "settings": settings,
                 "options": options,
             }
         ).encode()
         timeout = max(self.measure_timeout_s, 4 * float(settings.get("time_cap_s", 5.0)) + 30.0)
         return self.request("POST", "/measure", body=body, timeout_s=timeout)[1]
+
+
+def _inputs_body(inputs: Any) -> Dict[str, Any]:
+    """A plain (batched) shape as ``input_shape``, as agents always took it; named inputs as their spec and batch."""
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], InputSpec):
+        return {"inputs": inputs[0].to_dict(), "batch_size": int(inputs[1])}
+    return {"input_shape": [int(d) for d in inputs]}
 
 
 class _MissingModel(HwpruneError):
@@ -267,7 +275,10 @@ class RemoteBackend(OnnxFileBackend):
         return self._fingerprint
 
     def _measure(self, paths: Sequence[str], input_shape: Sequence[int]) -> Dict[str, Any]:
-        shape = batched_shape(self.profile, input_shape)
+        if isinstance(input_shape, InputSpec):
+            shape: Any = (input_shape, self.profile.batch_size)
+        else:
+            shape = batched_shape(self.profile, input_shape)
         for attempt in range(2):
             shas = [self.client.ensure_model(p) for p in paths]
             try:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from hwprune.errors import BackendUnavailable, ConfigError, ModelError
+from hwprune.inputs import InputSpec, call_model, inputs_key
 from hwprune.latency.base import (
     DeviceProfile,
     LatencyStats,
@@ -179,7 +180,8 @@ def architecture_hash(module: Any, input_shape: Sequence[int] = ()) -> str:
     h.update(repr(module).encode())
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    h.update(repr(tuple(int(d) for d in input_shape)).encode())
+    h.update(repr(inputs_key(input_shape) if isinstance(input_shape, InputSpec)
+                  else tuple(int(d) for d in input_shape)).encode())
     return h.hexdigest()
 
 
@@ -251,12 +253,31 @@ class TorchBackend(LatencyBackend):
                 f"device profile {self.profile.name!r} (torch backend) measures PyTorch modules, got "
                 f"{type(module).__name__}; pass the pruned nn.Module"
             )
-        shape = batched_shape(self.profile, input_shape)
         m = copy.deepcopy(module).eval().to(device=self.device, dtype=self.dtype)
+        if isinstance(input_shape, InputSpec) and not input_shape.is_image:
+            return self._compiled(m), self._spec_inputs(input_shape)
+        if isinstance(input_shape, InputSpec):  # the one image input, given as a spec
+            input_shape = input_shape.shapes(self.profile.batch_size)[input_shape.names[0]]
+        shape = batched_shape(self.profile, input_shape)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=self.device, dtype=self.dtype)
         if self.options.channels_last and x.dim() == 4:
             m = m.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        return self._compiled(m), x
+
+    def _spec_inputs(self, spec: InputSpec) -> Any:
+        """Named inputs (token ids stay int64; float inputs take the profile's dtype), in the spec's convention."""
+        x = spec.example(self.profile.batch_size)
+
+        def to_device(t):
+            return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+
+        if isinstance(x, dict):
+            return {k: to_device(v) for k, v in x.items()}
+        return tuple(to_device(t) for t in x)
+
+    def _compiled(self, m: Any) -> Any:
+        torch = self._torch
         o = self.options
         if o.compile:
             try:
@@ -267,7 +288,7 @@ class TorchBackend(LatencyBackend):
                     f"device profile {self.profile.name!r}: torch.compile(backend={o.compile_backend!r}) failed: "
                     f"{_one_line(e)}; set compile: false or another backend"
                 ) from e
-        return m, x
+        return m
 
     def _call(self, m: Any, x: Any) -> Callable[[], object]:
         """A zero-argument call that runs the model once the way the profile deploys it."""
@@ -279,10 +300,10 @@ class TorchBackend(LatencyBackend):
 
             def step():  # a new iteration: earlier outputs of the compiled graph may be overwritten
                 mark()
-                return m(x)
+                return call_model(m, x)
 
             return step
-        return lambda: m(x)
+        return lambda: call_model(m, x)
 
     def _graph_replay(self, m: Any, x: Any) -> Callable[[], object]:
         """Capture one forward pass on the static input ``x`` as a CUDA graph; the call replays it."""
@@ -292,11 +313,11 @@ class TorchBackend(LatencyBackend):
         try:
             with torch.cuda.stream(side):  # lazy initialisation, cuDNN algorithm choice, compilation: not captured
                 for _ in range(3):
-                    m(x)
+                    call_model(m, x)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = m(x)
+                out = call_model(m, x)
         except Exception as e:
             raise ModelError(
                 f"the model cannot be captured as a CUDA graph on profile {self.profile.name!r}: {_one_line(e)}; "

@@ -12,7 +12,7 @@ same worker, started fresh for one model and stopped after one measurement, is t
 verify`` compares against (:func:`time_alone`).
 
 Protocol: JSON lines on stdin/stdout.
-  {"op": "load", "profile": {...}, "onnx": PATH, "shape": [...]}   -> {"ok": true, "fingerprint": {...}}
+  {"op": "load", "profile": {...}, "onnx": PATH, "shape": [...] | "inputs": spec}   -> {"ok": true, "fingerprint": {...}}
   {"op": "block", "calls": K, "untimed": U}                         -> {"ok": true, "ms": [K floats]}
   {"op": "measure", "settings": {...}}                              -> {"ok": true, "stats": {...}}
   {"op": "quit"}
@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hwprune import errors
 from hwprune.errors import HwpruneError, ModelError
+from hwprune.inputs import inputs_from_wire, inputs_to_wire
 import numpy as np
 
 from hwprune.latency.base import DeviceProfile, LatencyStats, MeasureSettings, PairedLatency
@@ -73,7 +74,7 @@ def serve(stdin=None, stdout=None) -> int:
                 if run is not None:
                     raise ModelError("this worker already holds a model; start one process per model")
                 backend = OnnxRuntimeBackend(DeviceProfile.from_dict(req["profile"]))
-                run = backend.checked_runner(str(req["onnx"]), [int(d) for d in req["shape"]])
+                run = backend.checked_runner(str(req["onnx"]), inputs_from_wire(req))
                 _reply(stdout, {"ok": True, "fingerprint": backend.fingerprint(), "pid": os.getpid()})
             elif op in ("block", "measure"):
                 if run is None:
@@ -128,7 +129,7 @@ class ModelProcess:
         )
         try:
             reply = self._call({"op": "load", "profile": profile.to_dict(), "onnx": self.onnx_path,
-                                "shape": [int(d) for d in input_shape]})
+                                **inputs_to_wire(input_shape)})
         except BaseException:
             self.close()
             raise

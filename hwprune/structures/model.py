@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hwprune.errors import ConfigError, ModelError
+from hwprune.inputs import call_model
 from hwprune.structures.base import LayerReport, check_ratio
 from hwprune.structures.registry import get_structure
 
@@ -71,7 +72,7 @@ def input_shapes(model: nn.Module, example_input: torch.Tensor) -> Dict[str, Tup
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            call_model(model, example_input)  # a tensor, or named inputs (hwprune/inputs.py)
     finally:
         for h in hooks:
             h.remove()

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from hwprune.errors import ConfigError
+from hwprune.errors import ConfigError, ModelError
 from hwprune.latency.base import DeviceProfile, LatencyBackend, MeasureSettings, make_backend, measure_candidate
 from hwprune.latency.lut.coverage import MAX_COMBINATIONS, find_dependencies, layer_configs, prune
 from hwprune.latency.lut.stats import fit_calibration
@@ -50,6 +50,14 @@ def _progress_fn(progress: Progress, total: int, desc: str):
     return step, bar.close
 
 
+def check_image_inputs(workload, flag: str) -> None:
+    """Tables replay layers on one image tensor; a model with named (token) inputs is timed whole instead."""
+    inputs = getattr(workload, "inputs", None)
+    if inputs is not None and not inputs.is_image:
+        raise ModelError(f"{flag}: latency lookup tables time layers of image models; this model takes "
+                         f"{inputs.to_text()} (token inputs), so measure it whole: drop {flag}")
+
+
 def build_lut(
     workload,
     profile_or_backend: Union[DeviceProfile, LatencyBackend],
@@ -77,6 +85,7 @@ def build_lut(
     shared machine). ``settings`` overrides the profile's measure settings for the table's entries (not for the
     calibration). ``progress``: True for a bar, False for none, or ``fn(done, total, what)``.
     """
+    check_image_inputs(workload, "--build-lut")
     t0 = time.perf_counter()
     ratios = sorted(set(float(r) for r in (workload.space.ratios if ratios is None else ratios)) | {0.0})
     backend, profile = _backend_and_profile(profile_or_backend, settings)
