@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import optuna
 import pandas as pd
 
-from hwprune import graph
+from hwprune import graph, transformer_groups
 from hwprune.errors import ConfigError
 from hwprune.hypervolume import DEFAULT_MAX_DROP, Reference, best_speedup_within, hypervolume, hypervolume_history
 from hwprune.search import PARAM_PREFIX
@@ -43,11 +43,16 @@ def _snap(value: float, grid: Sequence[float]) -> float:
 
 
 def global_plan_ratios(workload: Workload, ratio: float) -> Dict[str, float]:
-    """Per-group ratios of torch-pruning's global magnitude pruning at ``ratio`` of all prunable channels."""
-    return graph.global_ratios(workload.model, workload.example_input, ratio, [g.name for g in workload.groups],
-                               "l1" if workload.space.importance == "taylor" else workload.space.importance,
-                               workload.space.round_to, workload.ignored,
-                               max_group_ratio=max(workload.space.ratios))
+    """Per-group ratios of torch-pruning's global magnitude pruning at ``ratio`` of all prunable channels.
+    Transformer groups (heads:, mlp:, depth:) have no place in that channel ranking: they take ``ratio`` itself."""
+    out = {g.name: float(ratio) for g in workload.groups if transformer_groups.kind_of(g.name)}
+    channel = [g.name for g in workload.groups if not transformer_groups.kind_of(g.name)]
+    if channel:
+        out.update(graph.global_ratios(workload.model, workload.example_input, ratio, channel,
+                                       "l1" if workload.space.importance == "taylor" else workload.space.importance,
+                                       workload.space.round_to, workload.ignored,
+                                       max_group_ratio=max(workload.space.ratios)))
+    return out
 
 
 def baseline_plans(workload: Workload, method: str, ratios: Optional[Sequence[float]] = None, count: int = 10,

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from hwprune import graph
+from hwprune import graph, transformer_groups
 
 PLAN_VERSION = 1
 
@@ -23,6 +23,8 @@ class PruningPlan:
     structures: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # layer -> {structure, ratio, params}
     structure_importance: str = "l1"
     history: List[list] = field(default_factory=list)  # torch-pruning history, filled when the plan is applied
+    # transformer groups (hwprune.transformer_groups): the heads / block positions removed, filled when applied
+    removed: Dict[str, List[int]] = field(default_factory=dict)
     recovery_method: Optional[str] = None  # how the trial's recovery budget is spent (None: the space's first method)
     version: int = PLAN_VERSION
 
@@ -62,17 +64,20 @@ def apply_plan(
 ) -> Tuple[nn.Module, PruningPlan, list]:
     """A new, physically smaller model (the input model is untouched), the plan with its history recorded, and
     one report per layer that took a catalog structure (its executed form, format, effective MACs and bytes)."""
+    # heads and blocks first (their choice is recorded); the channel groups, MLP widths included, after
+    model, channel_ratios, removed = transformer_groups.apply(model, plan.ratios, example_input, plan.criterion)
     pruned, history = graph.prune_groups(
-        model, example_input, plan.ratios, plan.criterion, plan.round_to, plan.ignored, calibration
+        model, example_input, channel_ratios, plan.criterion, plan.round_to, plan.ignored, calibration
     )
-    plan = PruningPlan(**{**asdict(plan), "history": history})
+    plan = PruningPlan(**{**asdict(plan), "history": history, "removed": removed})
     pruned, reports = _apply_structures(pruned, plan, example_input)
     return pruned, plan, reports
 
 
 def replay_plan(model: nn.Module, plan: PruningPlan, example_input: torch.Tensor) -> nn.Module:
     """Rebuild a plan's model exactly from its recorded history (same channels kept, same weights)."""
-    if plan.history or all(r == 0 for r in plan.ratios.values()):
+    if plan.history or plan.removed or all(r == 0 for r in plan.ratios.values()):
+        model = transformer_groups.apply(model, {}, example_input, plan.criterion, removed=plan.removed)[0]
         pruned = graph.replay(model, example_input, plan.history)
         return _apply_structures(pruned, plan, example_input)[0]
     return apply_plan(model, plan, example_input)[0]

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from hwprune import graph
+from hwprune import graph, transformer_groups
 from hwprune.config import SearchSpace, load_search_space
 from hwprune.data import DataBundle, load_dataset
 from hwprune.errors import ModelError
@@ -234,7 +234,6 @@ def build_workload(
 
     layer_names = [n for n, m in model.named_modules() if isinstance(m, graph.ROOT_TYPES)]
     all_names = [n for n, _ in model.named_modules() if n]
-    space.check_patterns(layer_names, all_names)
     # The outputs (classifier logits, or an encoder's embedding) are never pruned: the layer producing them is
     # ignored on its output side, which also keeps every group coupled to it (an encoder's hidden size) whole.
     if hasattr(model, "embedding_layers"):
@@ -242,15 +241,21 @@ def build_workload(
     else:
         ignored = list(output_layer_names(model, num_outputs))
     ignored += [n for n in layer_names if any(fnmatch.fnmatchcase(n, p) for p in space.ignore) and n not in ignored]
-    groups = [g for g in graph.list_groups(model, example, ignored) if space.matches(g.name)]
+    if not transformer_groups.needs_channel_groups(space.prunable):  # heads:/depth: only: no channel tracing
+        channel_groups = []
+    else:
+        channel_groups = graph.list_groups(model, example, ignored)
     if hasattr(model, "head_coupled_layers"):  # attention heads are pruned whole, never as loose channels
         heads = set(model.head_coupled_layers())
-        loose = [g.name for g in groups if heads.intersection(g.members)]
+        loose = [g.name for g in channel_groups if heads.intersection(g.members) and space.matches(g.name)]
         if loose:
             log(f"{len(loose)} channel groups on attention projections left out (query/key/value channels are "
                 f"split into heads)")
-        groups = [g for g in groups if g.name not in loose]
-    # (transformer groups: attention heads, MLP width, depth, join ``groups`` here; see transformer_groups.py)
+        channel_groups = [g for g in channel_groups if g.name not in loose]
+    # transformer groups (attention heads, MLP width, depth) join the channel groups: transformer_groups.py
+    structure_groups = _transformer_groups(model, example, space, channel_groups)
+    space.check_patterns(layer_names + [g.name for g in structure_groups], all_names)
+    groups = transformer_groups.select(space, channel_groups, structure_groups)
     _report_auto_ignored(graph.auto_ignored(model), ignored, log)
     if not groups:
         raise ModelError(
@@ -285,3 +290,12 @@ def _report_auto_ignored(reasons: Dict[str, str], ignored: Sequence[str], log: C
             by_reason[reason] = by_reason.get(reason, 0) + 1
     for reason, count in by_reason.items():
         log(f"{count} layers kept automatically (their output width is not pruned): {reason}")
+
+
+def _transformer_groups(model: nn.Module, example, space: SearchSpace,
+                        channel_groups: List[graph.PrunableGroup]) -> List[graph.PrunableGroup]:
+    """Heads, MLP widths and block lists (``heads:``/``mlp:``/``depth:`` groups), discovered only when the space
+    names one of these kinds: other spaces and models pay nothing for them."""
+    if not any(":" in p for p in (*space.prunable, *space.ignore)):
+        return []
+    return transformer_groups.list_groups(model, example, channel_groups)
