@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--profile", action="append", help="device profile to measure on (default: cpu)")
     q.add_argument("--no-recover", action="store_true", help="skip BN recalibration and fine-tuning")
     q.add_argument("--recovery-method", help="how the recovery budget is spent: finetune, iterative, dpu, admm, "
-                   "cdp_dtc (default: the search space's recovery.method)")
+                   "cdp_dtc, reconstruct (default: the search space's recovery.method)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_prune)
 

