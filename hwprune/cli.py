@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -163,7 +162,7 @@ def _print_summary(tables, out: Path) -> None:
 def cmd_profile(args) -> int:
     import tempfile
 
-    from hwprune.config import load_profiles, load_search_space
+    from hwprune.config import load_profiles
     from hwprune.costs import measure_costs
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate

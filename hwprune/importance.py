@@ -18,7 +18,6 @@ Zero-order search:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np

@@ -9,14 +9,13 @@
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator
+from typing import Dict
 
-import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from hwprune.adapters.base import Adapter
+from hwprune.transformer_groups import no_mha_fastpath
 
 
 class MultiheadAttentionAdapter(Adapter):
@@ -28,16 +27,10 @@ class MultiheadAttentionAdapter(Adapter):
     def channel_groups(self, model: nn.Module) -> Dict[nn.Module, int]:
         return {m: int(m.num_heads) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
-    @contextlib.contextmanager
-    def exporting(self, model: nn.Module) -> Iterator[None]:
+    def exporting(self, model: nn.Module):
         # In eval mode without grad, nn.MultiheadAttention calls the fused aten::_native_multi_head_attention (for an
         # even head count), which the ONNX exporter cannot export; the unfused path computes the same values.
-        was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(was)
+        return no_mha_fastpath()
 
     def fixup(self, model: nn.Module) -> None:
         for m in model.modules():
