@@ -131,7 +131,7 @@ def test_recovery_method_yaml_is_parsed_and_validated():
     for text, pattern in bad:
         with pytest.raises(ConfigError, match=pattern):
             _space(text)
-    assert set(method_names()) == {"finetune", "iterative", "dpu", "admm", "cdp_dtc"}
+    assert set(method_names()) == {"finetune", "iterative", "dpu", "admm", "cdp_dtc", "reconstruct"}
 
 
 def test_search_chooses_a_method_per_trial_only_when_several_are_listed():
