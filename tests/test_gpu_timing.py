@@ -204,7 +204,8 @@ def test_deployment_options_on_torch_cpu(options):
     net = torch_conv_net(8)
     st = b.measure_module(net, (1, 3, 16, 16))
     assert st.median_ms > 0 and 4 <= st.n <= 8
-    pair = b.measure_module_pair(torch_conv_net(32), net, (1, 3, 16, 16))
+    # 256x the MACs in the second conv: at 32 channels (16x) bf16 call overhead made the pair a coin toss in CI
+    pair = b.measure_module_pair(torch_conv_net(128), net, (1, 3, 16, 16))
     assert pair.ratio > 1.0
     assert next(net.parameters()).dtype == torch.float32  # the caller's module is untouched
     assert b.fingerprint()["dtype"] == options.get("dtype", "float32")
