@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hwprune.errors import ConfigError, DataError
+from hwprune.inputs import call_model
 
 OBJECTIVES = ("accuracy", "agreement", "cosine", "kl")
 FIDELITY_OBJECTIVES = OBJECTIVES[1:]
@@ -47,14 +48,8 @@ EVAL_BATCH = 256
 
 # ------------------------------------------------------------------------------------------ calling a model
 
-def forward(model: nn.Module, x: Any) -> Any:
-    """The model on one batch: a tensor, a dict of named inputs (token models: input_ids, attention_mask) or a
-    tuple of tensors."""
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
+# The model on one batch: a tensor, a dict of named inputs (token models: input_ids, attention_mask) or a tuple
+forward = call_model
 
 
 def primary_output(out: Any) -> torch.Tensor:
