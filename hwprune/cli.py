@@ -218,7 +218,6 @@ def _build_lut(args, workload, profiles) -> int:
     from hwprune.latency import make_backend
     from hwprune.latency.base import measure_candidate
     from hwprune.latency.lut import build_lut, predictor_error
-    from hwprune.plan import apply_plan
 
     profile = profiles[0]
     workload = workload.for_profiles([profile])
@@ -233,7 +232,7 @@ def _build_lut(args, workload, profiles) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for k in range(args.lut_check):
                 plan = workload.plan({g.name: rng.choice(workload.space.ratios) for g in workload.groups})
-                model = apply_plan(workload.model, plan, workload.example_input)[0]
+                model = workload.apply(plan)[0]
                 shape = workload.latency_inputs(profile)
                 onnx_path = workload.export_onnx(model, Path(tmp) / f"check-{k}.onnx", profile.batch_size, profile)
                 pairs.append((plan, measure_candidate(backend, str(onnx_path), model, shape).median_ms))

@@ -20,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SEARCH_SPACE_DIR = "search_spaces"
 PROFILE_DIR = "device_profiles"
 
-IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
+IMPORTANCE_CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random", "fisher")
 OPTIMIZERS = ("sgd", "adam")
 
 

@@ -95,10 +95,12 @@ def list_groups(
     return sorted(groups, key=lambda g: order[g.name])
 
 
-def _importance(criterion: str):
+def _importance(criterion: str, scores: Optional[Dict[nn.Module, torch.Tensor]] = None):
     tp = _tp()
     imp = tp.importance
-    if criterion == "l1":
+    if scores:
+        return _GivenImportance(_importance("l1" if criterion == "fisher" else criterion), scores)
+    if criterion in ("l1", "fisher"):  # fisher: data-driven scores where given (heads, MLP), magnitude elsewhere
         return imp.MagnitudeImportance(p=1)
     if criterion == "l2":
         return imp.MagnitudeImportance(p=2)
@@ -108,7 +110,22 @@ def _importance(criterion: str):
         return imp.TaylorImportance()
     if criterion == "random":
         return imp.RandomImportance()
-    raise ModelError(f"unknown importance criterion {criterion!r}; choose l1, l2, bn_scale, taylor or random")
+    raise ModelError(f"unknown importance criterion {criterion!r}; choose l1, l2, bn_scale, taylor, random or fisher")
+
+
+class _GivenImportance:
+    """torch-pruning importance that ranks a group rooted at a module with precomputed scores (one per root
+    channel, e.g. ``hwprune.fisher``) and every other group with ``fallback``."""
+
+    def __init__(self, fallback, scores: Dict[nn.Module, torch.Tensor]):
+        self.fallback, self.scores = fallback, scores
+
+    def __call__(self, group, **kwargs):
+        given = self.scores.get(group[0].dep.target.module)
+        idxs = list(group[0].root_idxs) if hasattr(group[0], "root_idxs") else list(group[0].idxs)
+        if given is None or any(i is None or i >= len(given) for i in idxs):
+            return self.fallback(group, **kwargs)
+        return given.to(torch.float32)[torch.tensor(idxs, dtype=torch.long)]
 
 
 def _keep_at_least_round_to(module: nn.Module, ratio: float, round_to: Optional[int]) -> float:
@@ -128,10 +145,12 @@ def prune_groups(
     ignored: Sequence[str] = (),
     calibration: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     inplace: bool = False,
+    scores: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[nn.Module, list]:
     """Physically remove ``ratios[group]`` of each group's channels (rounded so that a multiple of ``round_to``
     channels remains). Returns the pruned model and torch-pruning's pruning history, which ``replay`` applies
     exactly to a fresh copy of the same model. ``calibration`` (inputs, labels) is needed by the Taylor criterion.
+    ``scores``: precomputed importance per root module name (one per channel), used for those groups.
     """
     tp = _tp()
     if not inplace:
@@ -149,7 +168,7 @@ def prune_groups(
         pruner = tp.pruner.MetaPruner(
             model,
             example_input,
-            importance=_importance(criterion),
+            importance=_importance(criterion, {table[n]: v for n, v in (scores or {}).items() if n in table}),
             pruning_ratio=0.0,
             pruning_ratio_dict=ratio_dict,
             ignored_layers=_ignored_modules(model, ignored),

@@ -61,13 +61,19 @@ def apply_plan(
     plan: PruningPlan,
     example_input: torch.Tensor,
     calibration: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    scores: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[nn.Module, PruningPlan, list]:
     """A new, physically smaller model (the input model is untouched), the plan with its history recorded, and
-    one report per layer that took a catalog structure (its executed form, format, effective MACs and bytes)."""
+    one report per layer that took a catalog structure (its executed form, format, effective MACs and bytes).
+    ``scores``: data-driven importance per ``heads:`` / ``mlp:`` group (``hwprune.fisher``; criterion ``fisher``)."""
     # heads and blocks first (their choice is recorded); the channel groups, MLP widths included, after
-    model, channel_ratios, removed = transformer_groups.apply(model, plan.ratios, example_input, plan.criterion)
+    model, channel_ratios, removed = transformer_groups.apply(model, plan.ratios, example_input, plan.criterion,
+                                                              scores=scores)
+    mlp_scores = {transformer_groups.module_of(g): s for g, s in (scores or {}).items()
+                  if transformer_groups.kind_of(g) == transformer_groups.MLP}
     pruned, history = graph.prune_groups(
-        model, example_input, channel_ratios, plan.criterion, plan.round_to, plan.ignored, calibration
+        model, example_input, channel_ratios, plan.criterion, plan.round_to, plan.ignored, calibration,
+        scores=mlp_scores,
     )
     plan = PruningPlan(**{**asdict(plan), "history": history, "removed": removed})
     pruned, reports = _apply_structures(pruned, plan, example_input)

@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import optuna
 import pandas as pd
 
-from hwprune.plan import apply_plan
 from hwprune.recover import recalibrate_bn
 from hwprune.search import PARAM_PREFIX
 from hwprune.workload import Workload
@@ -36,7 +35,7 @@ class GroupEffect:
 
 def cheap_accuracy(workload: Workload, ratios: Dict[str, float], bn_batches: int = 10, seed: int = 0) -> float:
     """Validation accuracy of a plan after BN recalibration only: the cheap fidelity (no fine-tuning)."""
-    model = apply_plan(workload.model, workload.plan(ratios), workload.example_input)[0]
+    model = workload.apply(workload.plan(ratios))[0]
     return _recalibrated_accuracy(workload, model, bn_batches, seed)
 
 
@@ -59,7 +58,7 @@ def measure_effects(workload: Workload, meter, profile: str, workdir: Path, bn_b
     workdir = Path(workdir)
     for g in workload.groups:
         for r in [r for r in workload.space.ratios if r > 0]:
-            model = apply_plan(workload.model, workload.plan({g.name: r}), workload.example_input)[0]
+            model = workload.apply(workload.plan({g.name: r}))[0]
             ms = meter.measure(model, workdir / "probe")[profile].median_ms
             acc = _recalibrated_accuracy(workload, model, bn_batches, seed)
             effects.append(GroupEffect(g.name, float(r), base_acc - acc, base_ms - ms))

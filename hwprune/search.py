@@ -177,10 +177,8 @@ def check_budget(workload: Workload, meter: LatencyMeter, cfg: SearchConfig, log
     name = cfg.budget_profile or meter.profiles[0].name
     if name not in meter.backends:
         raise ConfigError(f"--budget-profile {name!r} is not among the profiles given: {', '.join(meter.backends)}")
-    from hwprune.plan import apply_plan
-
     smallest = workload.uniform_plan(max(workload.space.ratios))
-    model, _, _ = apply_plan(workload.model, smallest, workload.example_input, workload.calibration_batch())
+    model, _, _ = workload.apply(smallest)
     probe = Path(cfg.out_dir) / "budget-check"
     lat = meter.measure(model, probe)[name]
     shutil.rmtree(probe, ignore_errors=True)
@@ -518,12 +516,11 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
               meter: LatencyMeter, cfg: SearchConfig, dense_macs: int) -> List[float]:
     """Objective values of a candidate the lookup table rules out: infeasible, predicted latency, not measured."""
     from hwprune.costs import count_macs
-    from hwprune.plan import apply_plan
 
     bp = cfg.budget_profile or meter.profiles[0].name
     macs = dense_macs
     if "macs_kept" in names or "macs" in names:
-        macs = count_macs(apply_plan(workload.model, plan, workload.example_input)[0], workload.example_input)
+        macs = count_macs(workload.apply(plan)[0], workload.example_input)
     reason = screen.reason(predicted)
     trial.set_user_attr("screened", True)
     trial.set_user_attr("predicted_ms", predicted)

@@ -662,9 +662,11 @@ def _check_removed(group: str, removed: Sequence[int], total: int, what: str) ->
 
 
 def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: str = "l1",
-          removed: Optional[Dict[str, List[int]]] = None) -> Tuple[nn.Module, Dict[str, float], Dict[str, List[int]]]:
+          removed: Optional[Dict[str, List[int]]] = None, scores: Optional[Dict[str, torch.Tensor]] = None
+          ) -> Tuple[nn.Module, Dict[str, float], Dict[str, List[int]]]:
     """Drop blocks, then remove heads, on a copy of ``model``. ``removed``: the heads / block positions to remove
-    per group (a plan's record: replayed as is); otherwise chosen by importance at each group's ratio. Returns the
+    per group (a plan's record: replayed as is); otherwise chosen by importance at each group's ratio: ``scores``
+    per ``heads:`` group where given (``hwprune.fisher``: data-driven), else the weights' magnitude. Returns the
     model, the channel ratios left for torch-pruning (channel groups, plus ``mlp:`` groups as the ratio of their
     root linear, except those inside dropped blocks), and what was removed."""
     wanted = {n: float(r) for n, r in ratios.items() if kind_of(n) and r > 0}
@@ -690,8 +692,8 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
         children = [f"{container}.{c}" if container else c for c, _ in table[container].named_children()]
         if removed is None:
             blocks = find_block_lists(model, find_attention(model), example_input).get(container, [])
-            scores, _ = block_importance(model, blocks, example_input)
-            order = sorted(range(len(blocks)), key=lambda i: (float(scores[i]), i))
+            block_scores, _ = block_importance(model, blocks, example_input)
+            order = sorted(range(len(blocks)), key=lambda i: (float(block_scores[i]), i))
             record[name] = sorted(children.index(blocks[i]) for i in order[:count_removed(wanted[name], len(blocks))])
         _check_removed(name, record[name], len(children), "blocks")
         if not record[name]:
@@ -710,8 +712,9 @@ def apply(model: nn.Module, ratios: Dict[str, float], example_input, criterion: 
             raise ModelError(f"plan names an attention module the model does not have: {target!r}")
         a = attention[target]
         if removed is None:
-            scores = head_importance(a, criterion)
-            order = sorted(range(a.num_heads), key=lambda i: (float(scores[i]), i))
+            given = (scores or {}).get(name)
+            score = given if given is not None and len(given) == a.num_heads else head_importance(a, criterion)
+            order = sorted(range(a.num_heads), key=lambda i: (float(score[i]), i))
             record[name] = sorted(order[:count_removed(wanted[name], a.num_heads)])
         _check_removed(name, record[name], a.num_heads, "heads")
         if record[name]:

@@ -28,7 +28,7 @@ from hwprune.latency import (
     make_backend,
     onnx_architecture_hash,
 )
-from hwprune.plan import PruningPlan, apply_plan
+from hwprune.plan import PruningPlan
 from hwprune.fidelity import OBJECTIVE_COLUMN, quality
 from hwprune.recover import recover
 from hwprune.structures.delivered import delivered_reports
@@ -279,8 +279,7 @@ def run_trial(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    calibration = workload.calibration_batch() if plan.criterion == "taylor" else None
-    model, plan, reports = apply_plan(workload.model, plan, workload.example_input, calibration)
+    model, plan, reports = workload.apply(plan)
     write_text(workdir / "plan.json", plan.to_json())
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)

@@ -20,7 +20,7 @@ from hwprune.export import to_onnx
 from hwprune.hf_models import default_input_spec, hf_model_dir, is_hf_ref, vocab_size
 from hwprune.inputs import DEFAULT_SEQUENCE_LENGTH, InputSpec, call_model, measured_inputs
 from hwprune.models import check_input, load_model, load_or_train_demo, output_layer_names
-from hwprune.plan import PruningPlan
+from hwprune.plan import PruningPlan, apply_plan
 
 
 @dataclass
@@ -120,6 +120,24 @@ class Workload:
         if self.data is None:
             return None
         return next(iter(self.data.loader("train", batch_size, shuffle=True, seed=0)))
+
+    def importance_scores(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Data-driven scores of the heads / MLP neurons for the ``fisher`` criterion (computed once on the training
+        split, then reused by every plan); None for other criteria, and without data (magnitude then: a search
+        without data ranks plans by the MACs they keep, which the choice of units does not change)."""
+        if self.space.importance != "fisher" or self.data is None:
+            return None
+        from hwprune import fisher
+
+        return fisher.cached_mask_fisher(self.model, [g.name for g in self.groups], self.data, self.objective,
+                                         readers=fisher.mlp_readers(self.groups))
+
+    def apply(self, plan: PruningPlan):
+        """``apply_plan`` with what the plan's criterion needs from this workload (a calibration batch for
+        taylor, the data-driven scores for fisher): the pruned model, the plan with its record, the reports."""
+        calibration = self.calibration_batch() if plan.criterion == "taylor" else None
+        scores = self.importance_scores() if plan.criterion == "fisher" else None
+        return apply_plan(self.model, plan, self.example_input, calibration, scores)
 
 
 def combined_round_to(round_to: Optional[int], multiples: Iterable[int]) -> Optional[int]:
