@@ -28,6 +28,7 @@ from hwprune.workload import Workload
 METHODS = ("uniform", "global", "random")
 SWEEP_RANGE = (0.25, 0.75)  # the uniform sweep: the space's grid ratios within this range
 GLOBAL_WARM_RATIO = 0.5
+FISHER_WARM_RATIOS = (0.3, 0.4, 0.5)  # fractions of the heads' and MLPs' MACs removed
 
 WITHIN_PP = (0.5, 1.0, 2.0)  # quality drops (pp of accuracy or fidelity) at which the best speedups are reported
 
@@ -42,14 +43,67 @@ def _snap(value: float, grid: Sequence[float]) -> float:
     return min(grid, key=lambda r: abs(r - value))
 
 
+_UNIT_MACS: Dict[Tuple[int, Tuple[str, ...], object], Dict[str, float]] = {}
+
+
+def unit_macs(workload: Workload, groups: Sequence) -> Dict[str, float]:
+    """MACs one unit (head, MLP neuron) of each group costs, measured (fvcore): the group pruned alone at the grid's
+    largest ratio, MACs saved divided by the units removed. Once per model, groups and input length."""
+    from hwprune.costs import count_macs
+
+    key = (id(workload.model), tuple(g.name for g in groups), json.dumps(workload.resolved_inputs.to_dict(), sort_keys=True))
+    if key not in _UNIT_MACS:
+        dense = count_macs(workload.model, workload.example_input)
+        ratio = max(workload.space.ratios) or 0.5
+        costs = {}
+        for g in groups:
+            model, recorded, _ = workload.apply(workload.plan({g.name: ratio}))
+            if transformer_groups.kind_of(g.name) == transformer_groups.HEADS:
+                units = len(recorded.removed.get(g.name, []))
+            else:
+                units = g.channels - dict(model.named_modules())[transformer_groups.module_of(g.name)].out_features
+            if units > 0:
+                costs[g.name] = (dense - count_macs(model, workload.example_input)) / units
+        _UNIT_MACS[key] = costs
+    return _UNIT_MACS[key]
+
+
+def fisher_plan_ratios(workload: Workload, fraction: float) -> Dict[str, float]:
+    """Kwon et al.'s global allocation for the heads: and mlp: groups: remove ``fraction`` of their MACs, the units
+    with the least Fisher information per MAC first, wherever they are (``hwprune.fisher.allocate``). Per-group
+    ratios = units removed / units (depth groups and channel groups: 0)."""
+    from hwprune import fisher
+
+    scores = workload.importance_scores() or {}
+    groups = [g for g in workload.groups if g.name in scores]
+    counts = fisher.allocate(scores, unit_macs(workload, groups), fraction,
+                             keep_one=[g.name for g in groups if g.name.startswith(transformer_groups.HEADS)])
+    out = {g.name: 0.0 for g in workload.groups}
+    out.update({g: k / len(scores[g]) for g, k in counts.items()})
+    return out
+
+
 def global_plan_ratios(workload: Workload, ratio: float) -> Dict[str, float]:
     """Per-group ratios of torch-pruning's global magnitude pruning at ``ratio`` of all prunable channels.
-    Transformer groups (heads:, mlp:, depth:) have no place in that channel ranking: they take ``ratio`` itself."""
+    Transformer groups (heads:, mlp:, depth:) have no place in that channel ranking: they take ``ratio`` itself,
+    except under the ``fisher`` criterion (with data), where heads and MLP neurons are ranked globally by Fisher per
+    MAC (``fisher_plan_ratios``: ``ratio`` of their MACs removed)."""
+    if workload.space.importance == "fisher" and workload.data is not None and any(
+            transformer_groups.kind_of(g.name) in (transformer_groups.HEADS, transformer_groups.MLP)
+            for g in workload.groups):
+        out = fisher_plan_ratios(workload, ratio)
+        channel = [g.name for g in workload.groups if not transformer_groups.kind_of(g.name)]
+        if channel:
+            out.update(graph.global_ratios(workload.model, workload.example_input, ratio, channel, "l1",
+                                           workload.space.round_to, workload.ignored,
+                                           max_group_ratio=max(workload.space.ratios)))
+        return out
     out = {g.name: float(ratio) for g in workload.groups if transformer_groups.kind_of(g.name)}
     channel = [g.name for g in workload.groups if not transformer_groups.kind_of(g.name)]
     if channel:
         out.update(graph.global_ratios(workload.model, workload.example_input, ratio, channel,
-                                       "l1" if workload.space.importance == "taylor" else workload.space.importance,
+                                       "l1" if workload.space.importance in ("taylor", "fisher")
+                                       else workload.space.importance,
                                        workload.space.round_to, workload.ignored,
                                        max_group_ratio=max(workload.space.ratios)))
     return out
@@ -80,11 +134,15 @@ def baseline_plans(workload: Workload, method: str, ratios: Optional[Sequence[fl
 
 def enqueue_warm_start(study: optuna.Study, workload: Workload, max_trials: int,
                        log: Callable[[str], None] = print) -> List[str]:
-    """Enqueue the uniform sweep and the global-magnitude plan (snapped to the grid) once per study, tagged with
+    """Enqueue the uniform sweep and the global plan(s) (snapped to the grid; magnitude, or Fisher per MAC at a few
+    fractions under the fisher criterion) once per study, tagged with
     user attribute ``baseline``; at most ``max_trials`` of them. Returns the tags enqueued."""
     if study.user_attrs.get("warm_start") is not None:
         return []
-    plans = baseline_plans(workload, "uniform") + baseline_plans(workload, "global", [GLOBAL_WARM_RATIO], snap=True)
+    # under the fisher criterion the global plans are Kwon et al.'s allocation, strong enough to seed a few targets
+    fisher = workload.space.importance == "fisher" and workload.data is not None
+    plans = baseline_plans(workload, "uniform") + baseline_plans(
+        workload, "global", FISHER_WARM_RATIOS if fisher else [GLOBAL_WARM_RATIO], snap=True)
     seen, tags = set(), []
     for tag, ratios in plans[:max(0, max_trials)]:
         key = tuple(sorted(ratios.items()))
@@ -246,6 +304,8 @@ def write_baseline_summary(study: optuna.Study, run_dir: Path, tables: Dict[str,
     summary["trial_within_5pct_of_final_hypervolume"] = int(within5.trial.iloc[0]) if not within5.empty else None
     summary["trials"] = int(len(trials))
     summary["quality"] = q
+    if study.user_attrs.get("fidelity_screen"):
+        summary["fidelity_screen"] = study.user_attrs["fidelity_screen"]
     _plot_history(history, summary, run_dir / "hypervolume.png")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

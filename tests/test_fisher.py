@@ -139,3 +139,47 @@ def test_cli_search_with_fisher_importance_on_texts(tmp_path, profile_file):
     assert any(len(p["removed"]) == 2 for p in plans)  # both layers lost half their heads
     metrics = json.loads(next((out / "models").glob("trial-*/metrics.json")).read_text())
     assert 0.0 < metrics["cosine"] <= 1.0 + 1e-6
+
+
+def test_allocate_removes_the_cheapest_information_first_across_groups():
+    scores = {"heads:a": torch.tensor([5.0, 0.0, 1.0]), "mlp:b": torch.tensor([0.09, 0.2, 9.0, 0.05])}
+    cost = {"heads:a": 10.0, "mlp:b": 1.0}  # per unit; total 34
+    # by Fisher per MAC: head 1 (0), neuron 3 (.05), neuron 0 (.09), head 2 (.1), neuron 1 (.2), head 0 (.5), ...
+    assert fisher.allocate(scores, cost, 0.25) == {"heads:a": 1, "mlp:b": 0}  # head 1 alone saves 10 >= 8.5
+    assert fisher.allocate(scores, cost, 0.4) == {"heads:a": 2, "mlp:b": 2}  # 10 + 1 + 1 < 13.6, + head 2
+    everything = fisher.allocate(scores, cost, 1.0, keep_one=["heads:a"])
+    assert everything == {"heads:a": 2, "mlp:b": 4}  # one head always kept
+
+
+def test_fisher_global_plan_spends_the_macs_where_they_matter_least(bert_with_silent_units, tmp_path):
+    """baselines.global_plan_ratios under fisher: the silent head and neurons go first, then MACs by Fisher/MAC;
+    the plan removes about the fraction of the groups' MACs asked for."""
+    from hwprune.baselines import global_plan_ratios
+    from hwprune.costs import count_macs
+    from hwprune.workload import build_workload
+    from test_hf_models import _tokenizer_into
+
+    model_dir = tmp_path / "bert"
+    bert_with_silent_units.save_pretrained(str(model_dir))
+    words = "the a model runs fast small device latency prune head layer text one two three".split()
+    _tokenizer_into(model_dir, words)
+    rng = np.random.default_rng(0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(40)) + "\n")
+    space = tmp_path / "space.yaml"
+    space.write_text("prunable: ['heads:*', 'mlp:*']\nignore: []\nratios: [0.0, 0.25, 0.5, 0.75]\nround_to: 8\n"
+                     "importance: fisher\n")
+    w = build_workload(f"hf:{model_dir}", f"text:{texts}", str(space),
+                       inputs="input_ids:int64:16,attention_mask:int64:16", objective="cosine", log=lambda m: None)
+    heads0, mlp0 = f"heads:model.{ATTN0}", f"mlp:model.{MLP0}"  # hf: models are wrapped (HFTextModel.model)
+    small = global_plan_ratios(w, 0.1)
+    # the first units out are the free ones (Fisher 0): layer 0's silent head, then its silent neurons
+    assert small[heads0] == 0.25 and 0 < small[mlp0] <= 0.25
+    assert all(r == 0 for g, r in small.items() if g not in (heads0, mlp0))
+    dense = count_macs(w.model, w.example_input)
+    for fraction in (0.3, 0.6):
+        ratios = global_plan_ratios(w, fraction)
+        model, plan, _ = w.apply(w.plan(ratios))
+        assert 1 in plan.removed[heads0]  # the silent head always goes
+        kept = count_macs(model, w.example_input) / dense
+        assert 1 - fraction - 0.15 < kept < 1 - fraction + 0.1, (fraction, kept)
