@@ -48,6 +48,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "feasible": bool(t.user_attrs.get("feasible", False)) if t.state.is_finished() else None,
             "reason": t.user_attrs.get("reason", ""),
             "predicted_ms": t.user_attrs.get("predicted_ms"),
+            **({"cheap_score": t.user_attrs["cheap_score"]} if "cheap_score" in t.user_attrs else {}),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "plan": t.user_attrs.get("plan", ""),
         }

@@ -58,6 +58,8 @@ class SearchConfig:
     allow_device_change: bool = False  # resume / join a study measured on a device with another fingerprint
     warm_start: bool = True  # enqueue the uniform sweep and the global-magnitude plan as the first trials
     proposals: bool = False  # enqueue greedy plans from measured per-group sensitivity and latency saved
+    screen_fidelity: bool = False  # train only candidates whose cheap score could reach the front (fidelity_screen)
+    screen_fidelity_margin: float = 0.01  # in the objective's units
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -279,6 +281,12 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
         enqueue_proposals(study, workload, meter, cfg.budget_profile or profiles[0].name, out, cfg.trials - used,
                           cfg.seed, log)
 
+    fscreen = None
+    if cfg.screen_fidelity and workload.data is not None:
+        from hwprune.fidelity_screen import FidelityScreen
+
+        fscreen = FidelityScreen(study, OBJECTIVE_COLUMN[workload.objective], cfg.screen_fidelity_margin)
+
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
         plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
@@ -292,6 +300,8 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             outcome, _ = run_trial(
                 workload, plan, meter, workdir, cfg.latency_budget_ms, cfg.budget_profile, seed=cfg.seed,
                 evaluate_over_budget=dense,  # the baseline is always evaluated, within budget or not
+                # the dense trial records its cheap score too, and is never screened
+                screen=None if fscreen is None else (lambda cheap, lat: None) if dense else fscreen.reason,
             )
         except Exception as e:
             trial.set_user_attr("reason", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -305,6 +315,11 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("reason", outcome.reason)
         trial.set_user_attr("has_weights", (workdir / "state_dict.pt").is_file())
+        if outcome.cheap_score is not None:
+            trial.set_user_attr("cheap_score", outcome.cheap_score)
+        if outcome.screened:
+            trial.set_user_attr("screened", True)
+            trial.set_user_attr("cheap_screened", True)
         if cfg.latency_budget_ms is not None:
             bp = cfg.budget_profile or profiles[0].name
             trial.set_user_attr("constraint", [outcome.latency[bp].median_ms - cfg.latency_budget_ms])
@@ -321,6 +336,15 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
     finally:
         if bar is not None:
             bar.close()
+    if fscreen is not None:
+        from hwprune.fidelity_screen import summary as screen_summary
+
+        s = screen_summary(study, fscreen.objective_name)
+        study.set_user_attr("fidelity_screen", s)
+        tau = "undefined" if s["kendall_tau"] is None else f"{s['kendall_tau']:.2f}"
+        log(f"cheap-fidelity screening: {s['screened']} candidates not trained; rank agreement of cheap and full "
+            f"scores Kendall tau {tau} over {s['pairs']} trained trials"
+            + ("; too low, so screening fell back to training every candidate" if s["fell_back"] else ""))
     return study
 
 
@@ -337,6 +361,9 @@ def check_search_config(cfg: SearchConfig) -> None:
             raise ConfigError(f"{name} {value!r} must be a positive finite number")
     if not (math.isfinite(cfg.screen_margin) and cfg.screen_margin >= 0):
         raise ConfigError(f"screen_margin {cfg.screen_margin!r} must be a finite number >= 0")
+    if not (math.isfinite(cfg.screen_fidelity_margin) and cfg.screen_fidelity_margin >= 0):
+        raise ConfigError(f"--screen-fidelity-margin {cfg.screen_fidelity_margin!r} must be a finite number >= 0 "
+                          f"(in the objective's units, e.g. 0.01)")
     if cfg.heartbeat_s < 1 or cfg.grace_s < 2 * cfg.heartbeat_s:
         raise ConfigError(f"grace {cfg.grace_s} s must be at least twice the heartbeat {cfg.heartbeat_s} s (>= 1 s), "
                           f"or live trials would be taken for dead ones; raise --grace")

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ from hwprune.latency import (
 )
 from hwprune.plan import PruningPlan
 from hwprune.fidelity import OBJECTIVE_COLUMN, quality
-from hwprune.recover import recover
+from hwprune.recover import recalibrate_bn, recover
 from hwprune.structures.delivered import delivered_reports
 from hwprune.workload import Workload
 
@@ -194,6 +194,8 @@ class TrialOutcome:
     structures: List[Dict[str, Any]] = field(default_factory=list)  # per-layer catalog structure reports
     recovery: Optional[str] = None  # the recovery method that trained the delivered weights
     recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
+    cheap_score: Optional[float] = None  # the objective right after pruning, BN recalibrated only (screening)
+    screened: bool = False  # ruled out by the cheap-fidelity screen: never trained
 
     @property
     def score(self) -> Optional[float]:
@@ -238,6 +240,8 @@ class TrialOutcome:
             "plan": self.plan.summary(),
             "recovery_method": self.recovery,
         }
+        if self.cheap_score is not None:
+            m["cheap_score"] = self.cheap_score
         for name, lat in self.latency.items():
             raw = lat.raw
             m[f"latency_ms:{name}"] = lat.median_ms
@@ -273,9 +277,12 @@ def run_trial(
     train: bool = True,
     seed: int = 0,
     evaluate_over_budget: bool = False,
+    screen: Optional[Callable[[float, Dict[str, float]], Optional[str]]] = None,
 ) -> "tuple[TrialOutcome, nn.Module]":
     """Evaluate one plan. Returns the outcome and the (recovered) pruned model. A plan over the latency budget
-    stops before any training, unless ``evaluate_over_budget`` (the dense baseline is always evaluated)."""
+    stops before any training, unless ``evaluate_over_budget`` (the dense baseline is always evaluated).
+    ``screen`` (cheap-fidelity screening, hwprune.fidelity_screen): given the score right after pruning (BN
+    recalibrated only) and the latency per profile, a reason not to train this candidate, or None to train it."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -297,6 +304,18 @@ def run_trial(
             outcome.reason = f"latency {latency[name].median_ms:.3f} ms on {name} exceeds the budget {budget_ms:g} ms"
             if not evaluate_over_budget:
                 return outcome, model
+    if train and workload.data is not None and screen is not None:
+        recalibrate_bn(model, workload.data, workload.space.recovery.bn_recalibration_batches,
+                       workload.space.recovery.batch_size, seed)
+        cheap = quality(model, workload.model, workload.data, workload.objective, cache_dir=dense_cache_dir(workdir))
+        outcome.cheap_score = cheap.get(OBJECTIVE_COLUMN[workload.objective])
+        outcome.seconds["cheap"] = time.perf_counter() - t2
+        reason = screen(outcome.cheap_score, {k: v.median_ms for k, v in latency.items()})
+        if reason:
+            outcome.screened, outcome.feasible, outcome.reason = True, False, reason
+            write_text(workdir / "metrics.json", json.dumps(outcome.metrics(), indent=2, sort_keys=True, default=str))
+            return outcome, model
+        t2 = time.perf_counter()
     if train and workload.data is not None:
         # unlabelled data: distillation from the dense model is the only thing recovery can learn from
         distil = workload.space.recovery.distill or not workload.data.labeled

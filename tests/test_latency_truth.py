@@ -90,9 +90,11 @@ def test_reference_in_a_pair_runs_as_fast_as_alone(conv_pair):
         assert pair.interleaved and pair.candidate.median_ms < pair.reference.median_ms
         return pair.reference.median_ms / solo
 
-    # without freezing the idle worker this is erratic, 1.1-2.2 (median of three about 1.5); frozen, about 0.99
+    # without freezing the idle worker this is erratic, 1.1-2.2 (median of three about 1.5); frozen, about 0.99.
+    # The bug makes the pair slower; a pair *faster* than alone (0.70 seen while another test process loaded the
+    # 2-core machine) means the solo timing was disturbed from outside, so the lower bound is loose.
     ratio = statistics.median(in_pair_over_solo() for _ in range(3))
-    assert 0.8 <= ratio <= 1.2
+    assert 0.5 <= ratio <= 1.2
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="no SIGSTOP on this OS")
