@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -114,16 +113,10 @@ def test_cli_search_with_fisher_importance_on_texts(tmp_path, profile_file):
     """The whole path: a space with ``importance: fisher`` on heads + MLP, label-free texts, cosine objective; every
     trial's plan records data-ranked heads and replays on export."""
     from test_cli_errors import run_cli
-    from test_hf_models import _tokenizer_into, tiny_bert_config
+    from test_hf_models import text_model_and_texts, tiny_bert_config
 
     torch.manual_seed(0)
-    model_dir = tmp_path / "encoder"
-    transformers.BertModel(tiny_bert_config()).save_pretrained(str(model_dir))
-    words = "the a model runs fast small device latency prune head layer text one two three".split()
-    _tokenizer_into(model_dir, words)
-    rng = np.random.default_rng(0)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(60)) + "\n")
+    model_dir, texts = text_model_and_texts(tmp_path, transformers.BertModel(tiny_bert_config()))
     space = tmp_path / "space.yaml"
     space.write_text("description: heads and MLP by fisher\nprunable: ['heads:*', 'mlp:*']\nignore: []\n"
                      "ratios: [0.5]\nround_to: 8\nimportance: fisher\nrecovery:\n  bn_recalibration_batches: 0\n"
@@ -157,15 +150,9 @@ def test_fisher_global_plan_spends_the_macs_where_they_matter_least(bert_with_si
     from hwprune.baselines import global_plan_ratios
     from hwprune.costs import count_macs
     from hwprune.workload import build_workload
-    from test_hf_models import _tokenizer_into
+    from test_hf_models import text_model_and_texts
 
-    model_dir = tmp_path / "bert"
-    bert_with_silent_units.save_pretrained(str(model_dir))
-    words = "the a model runs fast small device latency prune head layer text one two three".split()
-    _tokenizer_into(model_dir, words)
-    rng = np.random.default_rng(0)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(40)) + "\n")
+    model_dir, texts = text_model_and_texts(tmp_path, bert_with_silent_units, count=40)
     space = tmp_path / "space.yaml"
     space.write_text("prunable: ['heads:*', 'mlp:*']\nignore: []\nratios: [0.0, 0.25, 0.5, 0.75]\nround_to: 8\n"
                      "importance: fisher\n")

@@ -270,6 +270,20 @@ def _tokenizer_into(model_dir, words):
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(model_dir))
 
 
+def text_model_and_texts(tmp_path, model, count: int = 60):
+    """``model`` saved as a Hugging Face directory with a real tokenizer over a small vocabulary, and a text file of
+    ``count`` random sentences of that vocabulary (one per line, a blank line at the end): what hf:DIR + text:FILE
+    read."""
+    model_dir = tmp_path / "encoder"
+    model.save_pretrained(str(model_dir))
+    words = "the a model runs fast small device latency prune head layer text one two three".split()
+    _tokenizer_into(model_dir, words)
+    rng = np.random.default_rng(0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(count)) + "\n\n")
+    return model_dir, texts
+
+
 def test_cli_search_a_text_model_on_unlabelled_texts_by_cosine(tmp_path, profile_file, space_file):
     """The label-free path a sentence-encoder user takes: hf:DIR + text:FILE + --objective cosine."""
     import shutil
@@ -277,13 +291,7 @@ def test_cli_search_a_text_model_on_unlabelled_texts_by_cosine(tmp_path, profile
     from transformers import BertModel
 
     torch.manual_seed(0)
-    model_dir = tmp_path / "encoder"
-    BertModel(tiny_bert_config()).save_pretrained(str(model_dir))
-    words = "the a model runs fast small device latency prune head layer text one two three".split()
-    _tokenizer_into(model_dir, words)
-    rng = np.random.default_rng(0)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(60)) + "\n\n")
+    model_dir, texts = text_model_and_texts(tmp_path, BertModel(tiny_bert_config()))
     out = tmp_path / "run"
     args = ["search", "--model", f"hf:{model_dir}", "--data", f"text:{texts}", "--inputs",
             "input_ids:int64:16,attention_mask:int64:16", "--objective", "cosine", "--search-space", str(space_file),
