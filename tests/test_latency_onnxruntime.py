@@ -36,10 +36,12 @@ def test_interleaved_ratio_reflects_known_cost(tmp_path):
     b = OnnxRuntimeBackend(profile(threads=1))
     pair = b.measure_onnx_pair(big, small, (1, 3, 32, 32))
     assert pair.interleaved and pair.candidate.n == pair.reference.n
-    assert pair.ratio > 4.0, pair
-    assert pair.pair_ratio_median > 4.0
+    # the big model costs 6-36x per conv; 3x in either direction still says "much bigger" on a loaded 2-core machine
+    # (a fresh-clone CI run read the inverse as 1 / 3.47 once) and would catch a broken pair (about 1x)
+    assert pair.ratio > 3.0, pair
+    assert pair.pair_ratio_median > 3.0
     inverse = measure_candidate_pair(b, small, None, big, None, (1, 3, 32, 32))
-    assert inverse.ratio < 0.25
+    assert inverse.ratio < 1 / 3.0
 
 
 def test_batch_size_comes_from_the_profile(tmp_path):
