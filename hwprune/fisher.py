@@ -215,9 +215,4 @@ def allocate(scores: Dict[str, torch.Tensor], unit_cost: Dict[str, float], fract
     return removed
 
 
-def order_to_remove(scores: torch.Tensor) -> List[int]:
-    """Unit positions, least important first (ties by position: deterministic)."""
-    return sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
-
-
-__all__ = ["mask_fisher", "cached_mask_fisher", "mlp_readers", "allocate", "order_to_remove", "DEFAULT_SAMPLES"]
+__all__ = ["mask_fisher", "cached_mask_fisher", "mlp_readers", "allocate", "DEFAULT_SAMPLES"]
