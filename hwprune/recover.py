@@ -8,9 +8,10 @@ cosine + MSE on embeddings), whatever ``distill`` says.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,31 @@ def recalibrate_bn(model: nn.Module, data: DataBundle, batches: int, batch_size:
     model.eval()
 
 
+# float attributes that hold a drop probability (nn.MultiheadAttention, torchvision's Swin attention, HF attentions
+# that keep a float instead of an nn.Dropout); ``p`` counts only on dropout-like modules (nn.Dropout*, StochasticDepth)
+_DROP_ATTRS = ("dropout", "attention_dropout", "dropout_p", "dropout_prob", "attention_probs_dropout_prob")
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every drop probability of ``model`` set to 0 inside the block (restored after), the rest in train mode."""
+    saved = []
+    for m in model.modules():
+        names = list(_DROP_ATTRS)
+        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
+            names.append("p")
+        for name in names:
+            v = m.__dict__.get(name)
+            if isinstance(v, float) and v > 0:
+                saved.append((m, name, v))
+                setattr(m, name, 0.0)
+    try:
+        yield
+    finally:
+        for m, name, v in saved:
+            setattr(m, name, v)
+
+
 def _batches(data: DataBundle, batch_size: int, seed: int):
     epoch = 0
     while True:
@@ -84,7 +110,12 @@ def train(
 
     Masked layers hold their masks (projection after every step). Recovery methods plug in through
     ``extra_loss()`` (a penalty added to the loss), ``before_step(step)`` (after backward, before the optimizer
-    step: gradient surgery) and ``on_step(step)`` (after the step and the projection: mask updates)."""
+    step: gradient surgery) and ``on_step(step)`` (after the step and the projection: mask updates).
+
+    Pure distillation (alpha 1, always so on unlabelled data) trains with dropout off: the target is the dense
+    model's deterministic output, and with dropout on the student chases a noisy copy of itself (the dense model
+    drifted from cosine 1.0 to 0.979 under 1000 such steps; a pruned MiniLM reached 0.846 vs 0.860 without
+    dropout at 200 steps). With hard labels in the loss, dropout stays as the model was built."""
     if steps <= 0:
         return model
     if not data.labeled:
@@ -102,7 +133,8 @@ def train(
     if teacher is not None:
         teacher.eval()
     model.train()
-    with hold(opt, model):  # masked layers keep their zeros (and tied tiles) through every step
+    no_dropout = dropout_off(model) if teacher is not None and alpha >= 1.0 else contextlib.nullcontext()
+    with hold(opt, model), no_dropout:  # masked layers keep their zeros (and tied tiles) through every step
         _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
                before_step, distill_loss)
     model.eval()

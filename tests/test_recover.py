@@ -118,3 +118,20 @@ def test_evaluate_uses_only_the_validation_split():
     val_ds = TensorDataset(torch.zeros(8, 1, 2, 2), val_y)
     data = DataBundle("fake", train_ds, val_ds, (1, 2, 2), 10)
     assert evaluate(_Constant(), data, batch_size=3) == pytest.approx(5 / 8)
+
+
+def test_dropout_off_zeroes_every_drop_probability_and_restores_it():
+    from torchvision.ops import StochasticDepth
+
+    from hwprune.recover import dropout_off
+
+    model = nn.ModuleDict({"drop": nn.Dropout(0.1), "drop2d": nn.Dropout2d(0.2),
+                           "mha": nn.MultiheadAttention(8, 2, dropout=0.3), "sd": StochasticDepth(0.4, "row"),
+                           "lin": nn.Linear(4, 4)})
+    model.train()
+    with dropout_off(model):
+        assert [model.drop.p, model.drop2d.p, model.mha.dropout, model.sd.p] == [0.0] * 4
+        assert model.training
+        x = torch.randn(3, 5, 8)
+        assert torch.equal(model.drop(x), x)
+    assert [model.drop.p, model.drop2d.p, model.mha.dropout, model.sd.p] == [0.1, 0.2, 0.3, 0.4]
