@@ -6,9 +6,10 @@ and a study shared by several workers.
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import optuna
@@ -198,11 +199,22 @@ def write_sparse_weights(model: torch.nn.Module, reports: List[dict], path: Path
 
 
 def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
+    if isinstance(v, np.generic):  # numpy scalars (np.bool_ too: a row taken from a frame of mixed dtypes)
         v = v.item()
     if isinstance(v, float) and np.isnan(v):
         return None
     return v
+
+
+def _exported(workload: Workload, run_dir: Path, rows: pd.DataFrame) -> Dict[int, Path]:
+    """trial -> its exported ONNX file (exported now where the run did not export it)."""
+    paths = {}
+    for _, row in rows.iterrows():
+        path = Path(run_dir) / "models" / f"trial-{int(row.trial)}" / "model.onnx"
+        if not path.is_file():
+            export_trial(workload, run_dir, row, path.parent)
+        paths[int(row.trial)] = path
+    return paths
 
 
 def retime_front(workload: Workload, run_dir: Path, df: pd.DataFrame, front: pd.DataFrame, profile, settings):
@@ -212,19 +224,32 @@ def retime_front(workload: Workload, run_dir: Path, df: pd.DataFrame, front: pd.
 
     from hwprune.latency import make_backend
 
-    run_dir = Path(run_dir)
     backend = make_backend(dataclasses.replace(profile, measure=settings))
     dense = df[df.role == "dense"].iloc[0]
     # the files export_trial writes: the one image input at the profile's batch, or the workload's token inputs
     shape = workload.latency_inputs(profile) if workload.inputs.is_image else workload.resolved_inputs
-    paths = {}
-    for _, row in pd.concat([dense.to_frame().T, front]).iterrows():
-        path = run_dir / "models" / f"trial-{int(row.trial)}" / "model.onnx"
-        if not path.is_file():
-            export_trial(workload, run_dir, row, path.parent)
-        paths[int(row.trial)] = str(path)
+    paths = _exported(workload, run_dir, pd.concat([dense.to_frame().T, front]))
     for _, row in front.iterrows():
-        yield row, backend.measure_onnx_pair(paths[int(row.trial)], paths[int(dense.trial)], shape)
+        yield row, backend.measure_onnx_pair(str(paths[int(row.trial)]), str(paths[int(dense.trial)]), shape)
+
+
+def retime_alone(workload: Workload, run_dir: Path, df: pd.DataFrame, rows: pd.DataFrame, profile, rounds: int = 3,
+                 log=print) -> Dict[int, Tuple[float, float, float]]:
+    """trial -> (median, min, max) over ``rounds`` of its speedup over the dense trial's model, every model timed
+    ALONE in a fresh process in rotating order (``hwprune verify``'s ground truth), for any trials of a run
+    (baselines too, not only the front). Batch-1 ONNX Runtime profiles."""
+    from hwprune.verify import time_files_alone
+
+    dense = df[df.role == "dense"].iloc[0]
+    paths = _exported(workload, run_dir, pd.concat([dense.to_frame().T, rows]))
+    files = {f"trial-{t}": p for t, p in paths.items()}
+    times = time_files_alone(profile, files, rounds, log)
+    ref = times[f"trial-{int(dense.trial)}"]
+    out = {}
+    for t in paths:
+        per_round = [d / m for d, m in zip(ref, times[f"trial-{t}"])]
+        out[t] = (statistics.median(per_round), min(per_round), max(per_round))
+    return out
 
 
 def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export: bool = True,

@@ -32,6 +32,7 @@ from hwprune.structures.masks import masked_modules
 VARIANTS = {  # label -> (method, its hyperparameters)
     "finetune": ("finetune", {}),
     "iterative": ("iterative", {}),
+    "iterative ramp 0.3": ("iterative", {"ramp_fraction": 0.3}),
     "dpu one_stage": ("dpu", {"mode": "one_stage"}),
     "dpu multi_step": ("dpu", {"mode": "multi_step"}),
     "admm": ("admm", {}),
