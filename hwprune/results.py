@@ -6,7 +6,6 @@ and a study shared by several workers.
 from __future__ import annotations
 
 import json
-import statistics
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -238,18 +237,13 @@ def retime_alone(workload: Workload, run_dir: Path, df: pd.DataFrame, rows: pd.D
     """trial -> (median, min, max) over ``rounds`` of its speedup over the dense trial's model, every model timed
     ALONE in a fresh process in rotating order (``hwprune verify``'s ground truth), for any trials of a run
     (baselines too, not only the front). Batch-1 ONNX Runtime profiles."""
-    from hwprune.verify import time_files_alone
+    from hwprune.verify import speedup_over_rounds, time_files_alone
 
     dense = df[df.role == "dense"].iloc[0]
     paths = _exported(workload, run_dir, pd.concat([dense.to_frame().T, rows]))
-    files = {f"trial-{t}": p for t, p in paths.items()}
-    times = time_files_alone(profile, files, rounds, log)
+    times = time_files_alone(profile, {f"trial-{t}": p for t, p in paths.items()}, rounds, log)
     ref = times[f"trial-{int(dense.trial)}"]
-    out = {}
-    for t in paths:
-        per_round = [d / m for d, m in zip(ref, times[f"trial-{t}"])]
-        out[t] = (statistics.median(per_round), min(per_round), max(per_round))
-    return out
+    return {t: speedup_over_rounds(ref, times[f"trial-{t}"]) for t in paths}
 
 
 def write_results(study: optuna.Study, workload: Workload, run_dir: Path, export: bool = True,

@@ -15,7 +15,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -111,6 +111,12 @@ def time_files_alone(profile: DeviceProfile, files: Dict[str, Path], rounds: int
     return out
 
 
+def speedup_over_rounds(dense_ms: Sequence[float], model_ms: Sequence[float]) -> Tuple[float, float, float]:
+    """(median, min, max) over rounds of dense / model, each round's pair timed in the same rotation."""
+    per_round = [d / m for d, m in zip(dense_ms, model_ms)]
+    return statistics.median(per_round), min(per_round), max(per_round)
+
+
 def _onnx_shape(path: Path):
     """What the worker is handed for an exported file: the plain shape of a model with one image input, else the
     input spec its named inputs declare (token ids are then zeros: the same work as any other ids)."""
@@ -159,11 +165,10 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
         files = {"dense": dense_path, **models}
         times = time_files_alone(p, files, rounds, log)
         for t in trials:
-            per_round = [d / m for d, m in zip(times["dense"], times[f"trial-{t}"])]
-            iso = statistics.median(per_round)
+            iso, lo, hi = speedup_over_rounds(times["dense"], times[f"trial-{t}"])
             ratio = float(front.loc[front.trial == t, ratio_col].iloc[0])
             reported = 1.0 / ratio
-            rows.append(VerifyRow(p.name, t, reported, iso, min(per_round), max(per_round), reported / iso - 1.0,
+            rows.append(VerifyRow(p.name, t, reported, iso, lo, hi, reported / iso - 1.0,
                                   statistics.median(times[f"trial-{t}"]), statistics.median(times["dense"]), rounds))
     _write(run_dir, front, rows, tolerance)
     return rows
