@@ -66,18 +66,21 @@ def main() -> None:
     ap.add_argument("--demo-cache", default="runs/bench-recovery/demo_model.pt")
     ap.add_argument("--only", nargs="*", help="labels of the variants to run (default: all)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seeds", default="0", help="recovery seeds (batch order, DPU/ADMM randomness), e.g. 0,1,2: "
+                    "every variant runs once per seed and the table reports the mean and the paired difference")
     args = ap.parse_args()
+    seeds = [int(s) for s in str(args.seeds).split(",")]
     torch.manual_seed(0)
     data = load_dataset("mnist-5k", val_fraction=0.2, seed=0)
     dense = load_or_train_demo(Path(args.demo_cache), data, seed=0)
     tag = f"{args.structure}{int(round(args.ratio * 100))}"
     out = Path(args.out or f"scripts/results/recovery_methods_{tag}.md")
     rows_path = out.with_suffix(".jsonl")
-    done = {}
+    done = {}  # (label, seed) -> row; rows written before --seeds existed are seed 0
     if rows_path.is_file():
         for line in rows_path.read_text().splitlines():
             r = json.loads(line)
-            done[r["label"]] = r
+            done[(r["label"], r.get("seed", 0))] = r
     budget = RecoveryBudget(finetune_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             bn_recalibration_batches=10)
     convs = [n for n, m in dense.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -87,34 +90,36 @@ def main() -> None:
     x = torch.randn(1, *data.input_shape)
 
     def record(row):
-        done[row["label"]] = row
+        done[(row["label"], row["seed"])] = row
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         write_table(out, done, args, len(convs))
         print(json.dumps(row), flush=True)
 
-    if "dense (no pruning, no training)" not in done:
-        record({"label": "dense (no pruning, no training)", "accuracy": evaluate(dense, data), "seconds": 0})
-    if "dense + same budget (finetune)" not in done:
-        t = time.perf_counter()
-        m = recover(copy.deepcopy(dense), data, budget, method="finetune")
-        record({"label": "dense + same budget (finetune)", "accuracy": evaluate(m, data), "seconds": time.perf_counter() - t})
+    if ("dense (no pruning, no training)", 0) not in done:
+        record({"label": "dense (no pruning, no training)", "seed": 0, "accuracy": evaluate(dense, data), "seconds": 0})
     pruned, _, _ = apply_plan(dense, plan, x)
     target = target_zero_fraction(pruned)
-    if "pruned, no recovery" not in done:
-        record({"label": "pruned, no recovery", "accuracy": evaluate(pruned, data), "zeros": delivered_zero_fraction(pruned, convs),
-                "target_zeros": target, "seconds": 0})
-    for label, (method, params) in VARIANTS.items():
-        if label in done or (args.only and label not in args.only):
-            continue
-        b = dataclasses.replace(budget, method=(method,), method_params={method: params} if params else {})
-        notes = []
-        t = time.perf_counter()
-        m = recover(copy.deepcopy(pruned), data, b, method=method, log=notes.append)
-        record({"label": label, "method": method, "params": params, "accuracy": evaluate(m, data),
-                "zeros": delivered_zero_fraction(m, convs), "target_zeros": target,
-                "seconds": time.perf_counter() - t, "notes": notes})
-    write_table(out, {k: done[k] for k in sorted(done, key=_order)}, args, len(convs))
+    if ("pruned, no recovery", 0) not in done:
+        record({"label": "pruned, no recovery", "seed": 0, "accuracy": evaluate(pruned, data),
+                "zeros": delivered_zero_fraction(pruned, convs), "target_zeros": target, "seconds": 0})
+    for seed in seeds:
+        if ("dense + same budget (finetune)", seed) not in done:
+            t = time.perf_counter()
+            m = recover(copy.deepcopy(dense), data, budget, method="finetune", seed=seed)
+            record({"label": "dense + same budget (finetune)", "seed": seed, "accuracy": evaluate(m, data),
+                    "seconds": time.perf_counter() - t})
+        for label, (method, params) in VARIANTS.items():
+            if (label, seed) in done or (args.only and label not in args.only):
+                continue
+            b = dataclasses.replace(budget, method=(method,), method_params={method: params} if params else {})
+            notes = []
+            t = time.perf_counter()
+            m = recover(copy.deepcopy(pruned), data, b, method=method, log=notes.append, seed=seed)
+            record({"label": label, "seed": seed, "method": method, "params": params, "accuracy": evaluate(m, data),
+                    "zeros": delivered_zero_fraction(m, convs), "target_zeros": target,
+                    "seconds": time.perf_counter() - t, "notes": notes})
+    write_table(out, done, args, len(convs))
 
 
 def _order(label: str) -> int:
@@ -122,22 +127,43 @@ def _order(label: str) -> int:
     return fixed.index(label) if label in fixed else len(fixed)
 
 
-def write_table(out: Path, rows, args, n_layers: int) -> None:
-    ref = rows.get("dense + same budget (finetune)", {}).get("accuracy")
-    ft = rows.get("finetune", {}).get("accuracy")
+def write_table(out: Path, done, args, n_layers: int) -> None:
+    """One row per variant: mean accuracy over the seeds it ran, each seed's figure, and the mean paired difference
+    (same seed, so the same batch order) against the dense model with the same budget and against finetune."""
+    by_label = {}
+    for (label, seed), r in done.items():
+        by_label.setdefault(label, {})[seed] = r
+    ref = {s: r["accuracy"] for s, r in by_label.get("dense + same budget (finetune)", {}).items()}
+    ft = {s: r["accuracy"] for s, r in by_label.get("finetune", {}).items()}
+
+    def paired(runs, base):
+        diffs = [runs[s]["accuracy"] - base[s] for s in runs if s in base]
+        if not diffs:
+            return ""
+        mean = sum(diffs) / len(diffs)
+        if len(diffs) == 1:
+            return f"{100 * mean:+.2f}"
+        sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+        return f"{100 * mean:+.2f} ± {100 * sd / len(diffs) ** 0.5:.2f}"
+
     lines = [f"# Recovery methods at an equal step budget: demo model, MNIST-5k, {args.structure} {args.ratio:g} on "
              f"{n_layers} 3x3 convs", "",
              f"`python scripts/bench_recovery_methods.py --structure {args.structure} --ratio {args.ratio:g} "
-             f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr:g}` (SGD momentum 0.9, cosine, "
-             f"wd 5e-4, 10 BN recalibration batches; validation split of 1,000 images)", "",
-             "| variant | val. accuracy | vs dense same budget (pp) | vs finetune (pp) | zeros delivered / target | seconds |",
-             "|---|---|---|---|---|---|"]
-    for label, r in rows.items():
-        acc = r["accuracy"]
-        d_ref = f"{100 * (acc - ref):+.2f}" if ref is not None else ""
-        d_ft = f"{100 * (acc - ft):+.2f}" if ft is not None and "method" in r else ""
-        z = f"{r['zeros']:.4f} / {r['target_zeros']:.4f}" if "zeros" in r else ""
-        lines.append(f"| {label} | {acc:.4f} | {d_ref} | {d_ft} | {z} | {r['seconds']:.0f} |")
+             f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr:g} --seeds {args.seeds}` (SGD "
+             f"momentum 0.9, cosine, wd 5e-4, 10 BN recalibration batches; validation split of 1,000 images). "
+             f"Differences are paired by recovery seed (same batch order): mean ± standard error over the seeds.", "",
+             "| variant | mean val. accuracy | per seed | vs dense same budget (pp) | vs finetune (pp) | "
+             "zeros delivered / target | seconds (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for label in sorted(by_label, key=_order):
+        runs = by_label[label]
+        accs = [runs[s]["accuracy"] for s in sorted(runs)]
+        first = runs[min(runs)]
+        z = f"{first['zeros']:.4f} / {first['target_zeros']:.4f}" if "zeros" in first else ""
+        per_seed = " ".join(f"{a:.3f}" for a in accs)
+        lines.append(f"| {label} | {sum(accs) / len(accs):.4f} | {per_seed} | {paired(runs, ref)} | "
+                     f"{paired(runs, ft) if 'method' in first else ''} | {z} | "
+                     f"{sum(r['seconds'] for r in runs.values()) / len(runs):.0f} |")
     out.write_text("\n".join(lines) + "\n")
 
 
