@@ -194,8 +194,10 @@ def main() -> int:
         "",
         f"{len(sentences)} sentences of CPython's bundled documentation"
         f"{' and standard-library docstrings' if args.corpus != 'docs' else ''} (20% held out, never trained on), sequence "
-        f"length 128 for MACs, export and latency; every candidate (and the dense model) gets recovery method "
-        f"`{args.method}` with {args.steps} distillation steps (1 - cosine + MSE to the dense embeddings, no labels). Speedup alone: dense and model each timed alone "
+        f"length 128 for MACs, export and latency; every candidate gets recovery method "
+        f"`{args.method}` with {args.steps} distillation steps (1 - cosine + MSE to the dense embeddings, no labels; "
+        f"the dense trial, an exact copy of the teacher, is left as it is: distilling it into itself is the "
+        f"identity). Speedup alone: dense and model each timed alone "
         f"in a fresh process on `{PROFILE}`, median of {args.verify_rounds} rounds (`hwprune verify`).",
         "",
         f"Goal: a front model >= {GOAL_SPEEDUP}x faster alone with cosine >= {GOAL_COSINE}: "
