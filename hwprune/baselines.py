@@ -26,7 +26,9 @@ from hwprune.search import PARAM_PREFIX
 from hwprune.workload import Workload
 
 METHODS = ("uniform", "global", "random")
-SWEEP_RANGE = (0.25, 0.75)  # the uniform sweep: the space's grid ratios within this range
+# The uniform sweep: the space's grid ratios from 0.25 up, the grid's largest included: a search whose grid goes
+# beyond the sweep would otherwise own that corner of the front unopposed.
+SWEEP_RANGE = (0.25, 1.0)
 GLOBAL_WARM_RATIO = 0.5
 FISHER_WARM_RATIOS = (0.3, 0.4, 0.5)  # fractions of the heads' and MLPs' MACs removed
 

@@ -81,6 +81,8 @@ def test_compare_credits_a_front_that_dominates_its_baselines_and_separates_warm
 def test_sweep_ratios_and_global_plan():
     assert sweep_ratios([0.0, 0.25, 0.5, 0.625, 0.75]) == [0.25, 0.5, 0.625, 0.75]
     assert sweep_ratios([0.0, 0.9]) == [0.9]
+    assert sweep_ratios([0.0, 0.125, 0.25, 0.5, 0.75, 0.875]) == [0.25, 0.5, 0.75, 0.875]  # the grid's extreme too
+    assert sweep_ratios([0.0, 0.1]) == [0.1]
     net, x = make_tiny_net(), torch.randn(1, 1, 8, 8)
     groups = graph.list_groups(net, x, ["fc"])
     ratios = graph.global_ratios(net, x, 0.5, [g.name for g in groups], ignored=["fc"])
