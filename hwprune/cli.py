@@ -123,7 +123,7 @@ def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
         print(f"{len(bad)} of {len(rows)} reported speedups differ from the models timed alone by more than "
               f"{100 * tolerance:g}%" + (f" ({len(noisy)} of them on a machine whose own run-to-run spread exceeds "
                                         f"that; see 'alone range')" if noisy else "")
-              + f"; pareto.csv carries both figures (isolated_speedup:*)")
+              + "; pareto.csv carries both figures (isolated_speedup:*)")
     else:
         print(f"all {len(rows)} reported speedups agree with the models timed alone within {100 * tolerance:g}%")
     return not bad
@@ -373,7 +373,8 @@ def cmd_finetune(args) -> int:
             raise RunError(f"trial {args.trial} is not a completed, trained trial of {run}; completed: {have}")
     else:
         rows = pareto_frame(df, objective_columns(study))
-    table = finetune_trials(workload, run, df, rows, args.steps, args.distill, args.lr, seed=args.seed, log=_log)
+    table = finetune_trials(workload, run, df, rows, args.steps, args.distill, args.lr, seed=args.seed, log=_log,
+                            resume=args.resume)
     col = workload.objective
     delta = [c for c in table.columns if c.startswith("delta_vs_dense")]
     print(table[["trial", "role", f"{col}_search", f"{col}_finetuned"] + delta
@@ -538,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--distill", action="store_true",
                    help="distil from the dense model (always so on unlabelled data)")
     f.add_argument("--lr", type=float, help="learning rate (default: the search space's recovery lr)")
+    f.add_argument("--continue", dest="resume", action="store_true",
+                   help="start from each model's previous finish instead of the search's weights (steps add up)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--storage")
     f.add_argument("--study", default="hwprune")

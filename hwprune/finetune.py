@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pandas as pd
+import torch
 
 from hwprune.errors import RunError
 from hwprune.export import save_torch
@@ -42,8 +43,10 @@ def _figure(workload: Workload, model, run_dir: Path) -> float:
 
 def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, rows: pd.DataFrame, steps: int,
                     distill: bool = False, lr: Optional[float] = None, seed: int = 0,
-                    log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Fine-tune the trials in ``rows`` and the dense trial of ``trials`` alike; write models and finetune.csv."""
+                    log: Callable[[str], None] = print, resume: bool = False) -> pd.DataFrame:
+    """Fine-tune the trials in ``rows`` and the dense trial of ``trials`` alike; write models and finetune.csv.
+    ``resume``: start each model from its previous finish (``models/trial-N/finetuned/state_dict.pt``) instead of
+    the search's weights, with a fresh learning-rate schedule; ``steps_total`` counts both finishes."""
     if workload.data is None:
         raise RunError("finetune needs the run's data; this run was latency-only (--data none)")
     if steps <= 0:
@@ -56,25 +59,39 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
     lat_cols = [c for c in trials.columns if c.startswith(("latency_ms:", "speedup:"))]
     name = workload.objective
     results: List[Dict[str, object]] = []
+    def start_weights(trial: int) -> Path:
+        folder = run_dir / "models" / f"trial-{trial}" / "finetuned" if resume else run_dir / "trials" / f"trial-{trial}"
+        return folder / "state_dict.pt"
+
+    for trial in chosen.trial.astype(int):  # every start point checked before any model trains
+        if not start_weights(trial).is_file():
+            raise RunError(f"trial {trial} of {run_dir} has no earlier finish to continue ({start_weights(trial)}); "
+                           f"run hwprune finetune without --continue first" if resume else
+                           f"trial {trial} of {run_dir} has no recovered weights ({start_weights(trial)}); it was "
+                           f"not trained")
     for _, row in chosen.iterrows():
         trial = int(row.trial)
-        weights = run_dir / "trials" / f"trial-{trial}" / "state_dict.pt"
-        if not weights.is_file():
-            raise RunError(f"trial {trial} of {run_dir} has no recovered weights ({weights}); it was not trained")
+        out = run_dir / "models" / f"trial-{trial}" / "finetuned"
+        weights = start_weights(trial)
+        done = json.loads((out / "metrics.json").read_text()) if resume and (out / "metrics.json").is_file() else {}
+        earlier = done.get("steps_total", done.get("steps", 0))  # a finish written before --continue existed
+        # masked layers come back with their masks (the plan replays them), so zeros hold through the new steps
         model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), weights)
         before = _figure(workload, model, run_dir)
         model = finetune_model(workload, model, steps, distill, lr, seed)
         after = _figure(workload, model, run_dir)
-        out = run_dir / "models" / f"trial-{trial}" / "finetuned"
         out.mkdir(parents=True, exist_ok=True)
         workload.export_onnx(model, out / "model.onnx")
         save_torch(model, out / "model.pt")
+        torch.save(model.state_dict(), out / "state_dict.pt")  # with mask buffers: what --continue starts from
         res = {"trial": trial, "role": row.role, "plan_summary": row.plan_summary, "steps": steps,
+               "steps_total": int(earlier) + steps,
                "distill": bool(distill or not workload.data.labeled), f"{name}_search": float(row[name]),
                f"{name}_before": before, f"{name}_finetuned": after,
                **{c: row[c] for c in lat_cols if pd.notna(row[c])}}
         results.append(res)
         log(f"trial {trial}: {name} {before:.4f} -> {after:.4f} after {steps} more steps"
+            + (f" ({int(earlier) + steps} in all)" if resume else "")
             + (" (distilled)" if res["distill"] else ""))
     table = pd.DataFrame(results)
     dense_after = float(table.iloc[0][f"{name}_finetuned"])

@@ -175,6 +175,16 @@ def test_finetune_improves_a_pruned_model_on_digits(run, capsys):
 
     assert evaluate(model, load_dataset("digits", seed=0)) == pytest.approx(row.accuracy_finetuned)
     assert main(["finetune", "--run", str(d), "--trust-pickle", "--trial", "999", "--steps", "5"]) == 2
+    # --continue starts from the finish just written (not the search's weights) and counts the steps in all
+    assert main(["finetune", "--run", str(d), "--trust-pickle", "--trial", str(pruned), "--steps", "10",
+                 "--continue"]) == 0
+    again = pd.read_csv(d / "finetune.csv").set_index("trial").loc[pruned]
+    assert again.accuracy_before == pytest.approx(row.accuracy_finetuned)
+    assert again.steps == 10 and again.steps_total == 130
+    other = int(trials[(trials.state == "complete") & ~trials.trial.isin([pruned, 0])].trial.iloc[0])
+    assert main(["finetune", "--run", str(d), "--trust-pickle", "--trial", str(other), "--steps", "5",
+                 "--continue"]) == 2
+    assert "no earlier finish" in capsys.readouterr().err
 
 
 def test_greedy_proposals_take_latency_saved_per_accuracy_lost():
