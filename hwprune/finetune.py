@@ -59,9 +59,12 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
     lat_cols = [c for c in trials.columns if c.startswith(("latency_ms:", "speedup:"))]
     name = workload.objective
     results: List[Dict[str, object]] = []
+
+    def finished(trial: int) -> Path:  # where a trial's finish is written (and --continue starts from)
+        return run_dir / "models" / f"trial-{trial}" / "finetuned"
+
     def start_weights(trial: int) -> Path:
-        folder = run_dir / "models" / f"trial-{trial}" / "finetuned" if resume else run_dir / "trials" / f"trial-{trial}"
-        return folder / "state_dict.pt"
+        return (finished(trial) if resume else run_dir / "trials" / f"trial-{trial}") / "state_dict.pt"
 
     for trial in chosen.trial.astype(int):  # every start point checked before any model trains
         if not start_weights(trial).is_file():
@@ -71,12 +74,11 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
                            f"not trained")
     for _, row in chosen.iterrows():
         trial = int(row.trial)
-        out = run_dir / "models" / f"trial-{trial}" / "finetuned"
-        weights = start_weights(trial)
+        out = finished(trial)
         done = json.loads((out / "metrics.json").read_text()) if resume and (out / "metrics.json").is_file() else {}
-        earlier = done.get("steps_total", done.get("steps", 0))  # a finish written before --continue existed
+        total = int(done.get("steps_total", done.get("steps", 0))) + steps  # "steps": a finish before --continue
         # masked layers come back with their masks (the plan replays them), so zeros hold through the new steps
-        model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), weights)
+        model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), start_weights(trial))
         before = _figure(workload, model, run_dir)
         model = finetune_model(workload, model, steps, distill, lr, seed)
         after = _figure(workload, model, run_dir)
@@ -85,13 +87,13 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
         save_torch(model, out / "model.pt")
         torch.save(model.state_dict(), out / "state_dict.pt")  # with mask buffers: what --continue starts from
         res = {"trial": trial, "role": row.role, "plan_summary": row.plan_summary, "steps": steps,
-               "steps_total": int(earlier) + steps,
+               "steps_total": total,
                "distill": bool(distill or not workload.data.labeled), f"{name}_search": float(row[name]),
                f"{name}_before": before, f"{name}_finetuned": after,
                **{c: row[c] for c in lat_cols if pd.notna(row[c])}}
         results.append(res)
         log(f"trial {trial}: {name} {before:.4f} -> {after:.4f} after {steps} more steps"
-            + (f" ({int(earlier) + steps} in all)" if resume else "")
+            + (f" ({total} in all)" if resume else "")
             + (" (distilled)" if res["distill"] else ""))
     table = pd.DataFrame(results)
     dense_after = float(table.iloc[0][f"{name}_finetuned"])
@@ -100,7 +102,7 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
     else:  # fractions: percentage points
         table["delta_vs_dense_pp"] = 100 * (table[f"{name}_finetuned"] - dense_after)
     for _, res in table.iterrows():
-        path = run_dir / "models" / f"trial-{int(res.trial)}" / "finetuned" / "metrics.json"
+        path = finished(int(res.trial)) / "metrics.json"
         path.write_text(json.dumps({**{k: (v.item() if hasattr(v, "item") else v) for k, v in res.items()},
                                     f"dense_{name}_finetuned": dense_after}, indent=2, sort_keys=True))
     previous = run_dir / "finetune.csv"

@@ -217,7 +217,6 @@ def test_pure_distillation_trains_without_dropout(tmp_path):
     assert drops and all(p == student.config.hidden_dropout_prob for p in drops)
 
 
-
 def test_distilling_an_exact_copy_of_the_teacher_leaves_it_bit_identical():
     """The dense trial under pure distillation is the teacher itself: Adam on its rounding-level gradients moved a
     MiniLM's dense trial to cosine 0.995; the copy is now returned untouched. A recovery method's hooks (they may
