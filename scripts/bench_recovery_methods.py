@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -140,11 +141,10 @@ def write_table(out: Path, done, args, n_layers: int) -> None:
         diffs = [runs[s]["accuracy"] - base[s] for s in runs if s in base]
         if not diffs:
             return ""
-        mean = sum(diffs) / len(diffs)
+        mean = statistics.mean(diffs)
         if len(diffs) == 1:
             return f"{100 * mean:+.2f}"
-        sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
-        return f"{100 * mean:+.2f} ± {100 * sd / len(diffs) ** 0.5:.2f}"
+        return f"{100 * mean:+.2f} ± {100 * statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}"
 
     lines = [f"# Recovery methods at an equal step budget: demo model, MNIST-5k, {args.structure} {args.ratio:g} on "
              f"{n_layers} 3x3 convs", "",
