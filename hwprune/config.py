@@ -40,6 +40,10 @@ class RecoveryBudget:
     # what distillation compares: "kl" on logits at distill_temperature, "cosine" (+ MSE) on embeddings. Unset in a
     # file, it follows the objective (cosine for the cosine objective, else kl). Unlabelled data always distils.
     distill_loss: Optional[str] = None
+    # weight of layer-wise distillation (every block's output matched to the dense block's; 0: off) and the glob
+    # patterns of the blocks (empty: the model's longest ModuleList, a transformer's layers); hwprune.hidden_distill
+    distill_hidden: float = 0.0
+    distill_hidden_layers: Tuple[str, ...] = ()
     # how the finetune_steps are spent (hwprune.recovery); several: the search chooses one per trial
     method: Tuple[str, ...] = ("finetune",)
     method_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # method -> its hyperparameters
@@ -220,6 +224,7 @@ _RECOVERY_TYPES = {
     "distill_temperature": (float, 1e-6, None),
     "distill_alpha": (float, 0.0, 1.0),
     "distill_loss": (str, None, None),
+    "distill_hidden": (float, 0.0, None),
 }
 
 
@@ -268,7 +273,10 @@ def _parse_recovery(section: Any, source: str) -> RecoveryBudget:
         raise ConfigError(f"{where}: expected a mapping, got {section!r}")
     methods = section.pop("method", "finetune")
     per_method = {name: section.pop(name) for name in method_names() if name in section}
-    rkw = _typed_section(where, section, {**_RECOVERY_TYPES, "method": None, **{m: None for m in method_names()}})
+    hidden_layers = section.pop("distill_hidden_layers", None)
+    rkw = _typed_section(where, section, {**_RECOVERY_TYPES, "method": None, "distill_hidden_layers": None, **{m: None for m in method_names()}})
+    if hidden_layers:
+        rkw["distill_hidden_layers"] = _patterns(f"{where}.distill_hidden_layers", hidden_layers)
     if "optimizer" in rkw:
         _choice(f"{where}.optimizer", rkw["optimizer"], OPTIMIZERS)
     if "distill_loss" in rkw:

