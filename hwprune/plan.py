@@ -44,6 +44,16 @@ class PruningPlan:
             raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         return cls(**d)
 
+    def realized_key(self) -> str:
+        """What identifies the model an applied plan built: the channels, heads and blocks it removed, its
+        per-layer structures and its recovery method (not the ratios asked for: 0.75 and 0.875 of 16 channels
+        both keep 8 when rounded to multiples of 8, and build one model)."""
+        import hashlib
+
+        made = {"history": self.history, "removed": self.removed, "structures": self.structures,
+                "recovery_method": self.recovery_method, "criterion": self.criterion}
+        return hashlib.sha1(json.dumps(made, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def summary(self) -> str:
         pruned = {k: v for k, v in self.ratios.items() if v > 0}
         if not pruned and not self.structures:

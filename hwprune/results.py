@@ -32,7 +32,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         m = t.user_attrs.get("metrics", {})
         state = t.state.name.lower()
         if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("feasible", True):
-            state = "screened" if t.user_attrs.get("screened") else "infeasible"
+            state = ("repeat" if t.user_attrs.get("same_as") is not None
+                     else "screened" if t.user_attrs.get("screened") else "infeasible")
         row = {
             "trial": t.number,
             "state": state,

@@ -157,6 +157,33 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
     return plan
 
 
+REALIZED, SAME_AS = "realized", "same_as"
+
+
+def earlier_same_model(study: optuna.Study, key: str, number: int) -> Optional[int]:
+    """The first completed trial (other than ``number``, and not itself a repeat) whose plan built the model
+    ``key`` names (PruningPlan.realized_key), or None."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != number and t.user_attrs.get(REALIZED) == key and t.user_attrs.get(SAME_AS) is None:
+            return t.number
+    return None
+
+
+def reuse_results(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> List[float]:
+    """A trial whose plan built the same model as an earlier one: the sampler is told the earlier trial's values
+    (they are what these parameters give), the trial is marked a repeat (kept off the front and out of the
+    trial count, see ``storage.done_count``), and nothing is measured or trained again."""
+    earlier = next(t for t in study.get_trials(deepcopy=False) if t.number == outcome.same_as)
+    for key in ("metrics", "latency", "constraint", "cheap_score"):
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    trial.set_user_attr(SAME_AS, outcome.same_as)
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("reason", outcome.reason)
+    trial.set_user_attr("has_weights", False)
+    return list(earlier.values)
+
+
 def _values(outcome: TrialOutcome, names: Sequence[str], dense_macs: int) -> List[float]:
     vals = []
     for n in names:
@@ -296,12 +323,14 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             if not measure:
                 return _screened(trial, workload, plan, predicted, screen, names, meter, cfg, dense_macs)
         workdir = out / "trials" / f"trial-{trial.number}"
+        same = None if dense else (lambda key: earlier_same_model(study, key, trial.number))
         try:
             outcome, _ = run_trial(
                 workload, plan, meter, workdir, cfg.latency_budget_ms, cfg.budget_profile, seed=cfg.seed,
                 evaluate_over_budget=dense,  # the baseline is always evaluated, within budget or not
                 # the dense trial records its cheap score too, and is never screened
                 screen=None if fscreen is None else (lambda cheap, lat: None) if dense else fscreen.reason,
+                same_model=same,
             )
         except Exception as e:
             trial.set_user_attr("reason", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -310,6 +339,9 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             for onnx in workdir.glob("*.onnx"):  # export rebuilds from the plan; keep the run dir small
                 onnx.unlink()
         trial.set_user_attr("plan", outcome.plan.to_json())  # now with the exact pruning history
+        trial.set_user_attr(REALIZED, outcome.realized)
+        if outcome.same_as is not None:
+            return reuse_results(study, trial, outcome)
         trial.set_user_attr("metrics", outcome.metrics())
         trial.set_user_attr("latency", {k: v.pair.to_dict() for k, v in outcome.latency.items()})
         trial.set_user_attr("feasible", outcome.feasible)
@@ -325,7 +357,7 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             trial.set_user_attr("constraint", [outcome.latency[bp].median_ms - cfg.latency_budget_ms])
         return _values(outcome, names, dense_macs)
 
-    done = shared.done_count(study)
+    done = shared.done_count(study, free_repeats=cfg.trials)
     remaining = cfg.trials - done
     if remaining <= 0:
         log(f"study {cfg.study_name!r} already holds {done} finished trials (>= --trials {cfg.trials}); nothing to run")
@@ -445,7 +477,7 @@ def claim_trial(study: optuna.Study, url: str, target: int, grace_s: float,
     with shared.study_lock(url):
         shared.fail_dead_trials(study, grace_s, log)
         running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-        if shared.done_count(study) + running >= target:
+        if shared.done_count(study, free_repeats=target) + running >= target:
             return None
         with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); ours beat here
             warnings.simplefilter("ignore", UserWarning)

@@ -7,7 +7,8 @@
 - Heartbeats: Optuna's own heartbeat for RDB storages (SQLite default included), a heartbeat system attribute for
   journal storages (Redis, journal file) that have none. A RUNNING trial whose worker is known dead (same host,
   process gone) or whose heartbeat is older than the grace period is failed and queued again (``requeue``).
-- ``done_count``: finished trials, a failed trial that was queued again counted once (through its retry).
+- ``done_count``: finished trials, a failed trial that was queued again counted once (through its retry), repeats
+  of an earlier trial's model not counted (up to a limit).
 """
 from __future__ import annotations
 
@@ -198,11 +199,15 @@ def fail_dead_trials(study: optuna.Study, grace_s: float = GRACE_S, log: Callabl
     return failed
 
 
-def done_count(study: optuna.Study) -> int:
-    """Finished trials, where a failed trial that was queued again counts through its retry only."""
+def done_count(study: optuna.Study, free_repeats: int = 0) -> int:
+    """Finished trials, where a failed trial that was queued again counts through its retry only, and where up to
+    ``free_repeats`` trials that built the same model as an earlier one (user attribute ``same_as``: nothing was
+    measured or trained) do not count, so the sampler gets that many more tries at new models."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get(RETRY_OF) for t in trials} - {None}
-    return sum(t.state in FINISHED and t.number not in retried for t in trials)
+    finished = [t for t in trials if t.state in FINISHED and t.number not in retried]
+    repeats = sum(t.user_attrs.get("same_as") is not None for t in finished)
+    return len(finished) - min(repeats, free_repeats)
 
 
 class Heartbeat:

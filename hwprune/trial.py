@@ -196,6 +196,8 @@ class TrialOutcome:
     recovery_notes: List[str] = field(default_factory=list)  # e.g. layers a method did not apply to
     cheap_score: Optional[float] = None  # the objective right after pruning, BN recalibrated only (screening)
     screened: bool = False  # ruled out by the cheap-fidelity screen: never trained
+    realized: Optional[str] = None  # PruningPlan.realized_key of the model the plan built
+    same_as: Optional[int] = None  # an earlier trial that built the same model (nothing was measured again)
 
     @property
     def score(self) -> Optional[float]:
@@ -278,11 +280,14 @@ def run_trial(
     seed: int = 0,
     evaluate_over_budget: bool = False,
     screen: Optional[Callable[[float, Dict[str, float]], Optional[str]]] = None,
+    same_model: Optional[Callable[[str], Optional[int]]] = None,
 ) -> "tuple[TrialOutcome, nn.Module]":
     """Evaluate one plan. Returns the outcome and the (recovered) pruned model. A plan over the latency budget
     stops before any training, unless ``evaluate_over_budget`` (the dense baseline is always evaluated).
     ``screen`` (cheap-fidelity screening, hwprune.fidelity_screen): given the score right after pruning (BN
-    recalibrated only) and the latency per profile, a reason not to train this candidate, or None to train it."""
+    recalibrated only) and the latency per profile, a reason not to train this candidate, or None to train it.
+    ``same_model``: given the realized plan's key, the number of an earlier trial that built the same model; then
+    the trial stops right after pruning (``outcome.same_as``), as measuring and training it again adds nothing."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -291,7 +296,13 @@ def run_trial(
     t1 = time.perf_counter()
     costs = measure_costs(model, workload.example_input)
     outcome = TrialOutcome(plan, costs, {}, objective=workload.objective, seconds={"prune": t1 - t0},
-                           structures=delivered_reports(model, [r.to_dict() for r in reports]))
+                           structures=delivered_reports(model, [r.to_dict() for r in reports]),
+                           realized=plan.realized_key())
+    outcome.same_as = same_model(outcome.realized) if same_model is not None else None
+    if outcome.same_as is not None:
+        outcome.feasible = False
+        outcome.reason = f"same model as trial {outcome.same_as} (the plan realizes the same pruning); its results stand"
+        return outcome, model
     dense_macs = meter.dense_macs(workload.example_input)
     macs_cut = dense_macs / outcome.macs_effective if outcome.macs_effective > 0 and dense_macs else None
     latency = outcome.latency = meter.measure(model, workdir, macs_cut=macs_cut)

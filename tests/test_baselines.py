@@ -135,7 +135,8 @@ def test_warm_start_trials_run_first_and_are_recorded(run):
     assert main(args) == 0
     study = _study(d)
     assert sum("baseline" in t.user_attrs for t in study.trials) == len(study.user_attrs["warm_start"])
-    assert len(study.trials) == 8
+    repeats = sum(t.user_attrs.get("same_as") is not None for t in study.trials)  # plans that rebuilt a model
+    assert len(study.trials) == 8 + repeats
 
 
 @pytest.mark.slow

@@ -308,3 +308,38 @@ def test_prune_and_profile_commands(tmp_path, space_file, profile_file, capsys):
     entry = report["profiles"]["fast-cpu"]
     assert report["macs"] == 329568 and entry["latency"]["median_ms"] > 0
     assert entry["layers"] and abs(sum(r["share"] for r in entry["layers"]) - 1.0) < 1e-6
+
+
+def test_a_plan_that_builds_an_earlier_trials_model_is_a_repeat_and_does_not_count(tmp_path, profile_file):
+    """0.75 and 0.875 of 16 channels both keep 8 when rounded to multiples of 8: the second plan builds the first
+    one's model. It is recorded as a repeat of it (its values told to the sampler, nothing measured or trained
+    again, kept off the front) and the search runs one more trial, so --trials counts distinct models."""
+    from conftest import FAST_SPACE_YAML
+    from hwprune.config import load_profile
+    from hwprune.results import pareto_frame, trials_frame
+    from hwprune.search import SearchConfig, objective_names, run_search
+    from hwprune.storage import done_count
+    from hwprune.workload import build_workload
+
+    space = tmp_path / "space.yaml"
+    space.write_text(FAST_SPACE_YAML.replace("ratios: [0.0, 0.5]", "ratios: [0.0, 0.75, 0.875]")
+                     .replace("round_to: 4", "round_to: 8"))
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space), trust_pickle=True)
+    a, b = (workload.apply(workload.uniform_plan(r))[1].realized_key() for r in (0.75, 0.875))
+    assert a == b and a != workload.apply(workload.dense_plan())[1].realized_key()
+    cfg = SearchConfig(out_dir=tmp_path / "run", trials=3, progress=False, sampler="random")
+    study = run_search(workload, [load_profile(str(profile_file))], cfg, log=lambda m: None)
+    df = trials_frame(study)
+    first = df[df.plan_summary.str.contains("0.75")].trial.min()
+    repeats = df[df.state == "repeat"]
+    assert len(repeats) >= 1 and len(df) == 3 + len(repeats) and done_count(study, free_repeats=3) == 3
+    trials = {t.number: t for t in study.trials}
+    for n in repeats.trial:
+        earlier = trials[n].user_attrs["same_as"]
+        assert trials[n].values == trials[earlier].values and trials[earlier].user_attrs.get("same_as") is None
+        assert not (tmp_path / "run" / "trials" / f"trial-{n}" / "state_dict.pt").exists()  # never trained
+    assert first not in set(repeats.trial)  # the first trial of a model is the one that counts
+    front = pareto_frame(df, [c.replace("macs_kept", "macs") for c in objective_names(workload, [], False)])
+    assert not set(front.trial) & set(repeats.trial)
