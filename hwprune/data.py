@@ -44,7 +44,24 @@ class DataBundle:
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         ds = self.train if split == "train" else self.val
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False,
+                          collate_fn=trimmed_collate)
+
+
+def trimmed_collate(samples):
+    """The default collation, then token batches cut to their own longest text: the texts are padded to the
+    longest of the whole file, and the padded positions, masked out, change no output (a 4,000-sentence held-out
+    set of docstrings, padded to 87 tokens, averages far fewer)."""
+    from torch.utils.data import default_collate
+
+    x, y = default_collate(samples)
+    if isinstance(x, dict) and isinstance(x.get("attention_mask"), torch.Tensor) and x["attention_mask"].dim() == 2:
+        mask = x["attention_mask"]
+        length = max(1, int(mask.any(0).nonzero().max()) + 1) if mask.any() else 1
+        if length < mask.shape[1]:
+            x = {k: v[:, :length] if isinstance(v, torch.Tensor) and v.shape[:2] == mask.shape else v
+                 for k, v in x.items()}
+    return x, y
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

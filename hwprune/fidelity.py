@@ -44,6 +44,9 @@ LABELS = {"accuracy": "validation accuracy", "agreement": "top-1 agreement with 
           "cosine": "cosine similarity to dense (held-out)", "exp_neg_kl": "exp(-KL(dense || pruned)) (held-out)"}
 DISK_CACHE_BYTES = 256 * 2**20
 EVAL_BATCH = 256
+# token batches are cut to their own longest text (data.trimmed_collate): smaller batches cut more padding
+# (MiniLM on 600 docstring sentences: 15.5 s at 256, 8.4 s at 16; 24.8 s at 256 before cutting)
+EVAL_BATCH_TOKENS = 16
 
 
 # ------------------------------------------------------------------------------------------ calling a model
@@ -140,8 +143,10 @@ def _heldout_key(model: nn.Module, data) -> str:
 
 
 @torch.no_grad()
-def outputs_on_heldout(model: nn.Module, data, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+def outputs_on_heldout(model: nn.Module, data, batch_size: Optional[int] = None) -> torch.Tensor:
     model.eval()
+    if batch_size is None:
+        batch_size = EVAL_BATCH_TOKENS if len(data.val) and isinstance(data.val[0][0], dict) else EVAL_BATCH
     return torch.cat([comparable(forward(model, x), x) for x, _ in data.loader("val", batch_size)])
 
 
