@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     retried = {t.system_attrs.get("hwprune:retry_of") for t in trials} - {None}
     killed_trials = [t for t in trials if t.state == S.FAIL and "reason" not in t.user_attrs]
     lost_unretried = [t.number for t in killed_trials if t.number not in retried]
-    complete = [t for t in trials if t.state == S.COMPLETE]
+    # repeats of an earlier trial's model do not count toward --trials (search.reuse_results)
+    complete = [t for t in trials if t.state == S.COMPLETE and "same_as" not in t.user_attrs]
     lost = len(lost_unretried) + max(0, target - len(complete))
     dup_retry = sum(1 for t in complete if t.system_attrs.get("hwprune:retry_of") in by_number
                     and by_number[t.system_attrs["hwprune:retry_of"]].state == S.COMPLETE)
