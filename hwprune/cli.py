@@ -374,7 +374,7 @@ def cmd_finetune(args) -> int:
     else:
         rows = pareto_frame(df, objective_columns(study))
     table = finetune_trials(workload, run, df, rows, args.steps, args.distill, args.lr, seed=args.seed, log=_log,
-                            resume=args.resume)
+                            resume=args.resume, progress=args.progress)
     col = workload.objective
     delta = [c for c in table.columns if c.startswith("delta_vs_dense")]
     print(table[["trial", "role", f"{col}_search", f"{col}_finetuned"] + delta
@@ -542,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--continue", dest="resume", action="store_true",
                    help="start from each model's previous finish instead of the search's weights (steps add up)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar over the steps")
     f.add_argument("--storage")
     f.add_argument("--study", default="hwprune")
     f.add_argument("--trust-pickle", action="store_true", help="the run's --model is a pickled module you trust")

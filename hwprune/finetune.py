@@ -24,7 +24,8 @@ from hwprune.results import rebuild_model
 from hwprune.workload import Workload
 
 
-def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Optional[float] = None, seed: int = 0):
+def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Optional[float] = None, seed: int = 0,
+                   progress: Optional[Callable[[int], None]] = None):
     """``steps`` more fine-tuning steps with the space's recovery settings; KD from the dense model if ``distill``
     (or the data has no labels)."""
     r = workload.space.recovery
@@ -33,7 +34,13 @@ def finetune_model(workload: Workload, model, steps: int, distill: bool, lr: Opt
                  optimizer=r.optimizer, weight_decay=r.weight_decay, teacher=workload.model if distill else None,
                  temperature=r.distill_temperature, alpha=r.distill_alpha, seed=seed,
                  distill_loss=r.distill_loss or "kl", hidden_weight=r.distill_hidden,
-                 hidden_layers=r.distill_hidden_layers)
+                 hidden_layers=r.distill_hidden_layers, progress=progress)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc=desc, dynamic_ncols=True)
 
 
 def _figure(workload: Workload, model, run_dir: Path) -> float:
@@ -44,10 +51,12 @@ def _figure(workload: Workload, model, run_dir: Path) -> float:
 
 def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, rows: pd.DataFrame, steps: int,
                     distill: bool = False, lr: Optional[float] = None, seed: int = 0,
-                    log: Callable[[str], None] = print, resume: bool = False) -> pd.DataFrame:
+                    log: Callable[[str], None] = print, resume: bool = False, progress: bool = False
+                    ) -> pd.DataFrame:
     """Fine-tune the trials in ``rows`` and the dense trial of ``trials`` alike; write models and finetune.csv.
     ``resume``: start each model from its previous finish (``models/trial-N/finetuned/state_dict.pt``) instead of
-    the search's weights, with a fresh learning-rate schedule; ``steps_total`` counts both finishes."""
+    the search's weights, with a fresh learning-rate schedule; ``steps_total`` counts both finishes. ``progress``: a
+    bar over each model's steps (a long finish runs for tens of minutes)."""
     if workload.data is None:
         raise RunError("finetune needs the run's data; this run was latency-only (--data none)")
     if steps <= 0:
@@ -81,7 +90,13 @@ def finetune_trials(workload: Workload, run_dir: Path, trials: pd.DataFrame, row
         # masked layers come back with their masks (the plan replays them), so zeros hold through the new steps
         model = rebuild_model(workload, PruningPlan.from_json(row["plan"]), start_weights(trial))
         before = _figure(workload, model, run_dir)
-        model = finetune_model(workload, model, steps, distill, lr, seed)
+        bar = _bar(steps, f"trial {trial}") if progress else None
+        try:
+            model = finetune_model(workload, model, steps, distill, lr, seed,
+                                   progress=(lambda _step: bar.update(1)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         after = _figure(workload, model, run_dir)
         out.mkdir(parents=True, exist_ok=True)
         workload.export_onnx(model, out / "model.onnx")

@@ -114,11 +114,13 @@ def train(
     distill_loss: str = "kl",
     hidden_weight: float = 0.0,
     hidden_layers: Sequence[str] = (),
+    progress: Optional[Callable[[int], None]] = None,
 ) -> nn.Module:
     """``steps`` SGD/Adam steps with a cosine schedule; with a teacher, loss = alpha*KD + (1-alpha)*CE, KD being
     ``distill_loss`` (fidelity.distillation_loss). Unlabelled data: loss = KD alone (a teacher is required).
     ``hidden_weight`` > 0 adds that times the layer-wise term of hwprune.hidden_distill (every block's output
     pulled toward the dense block's; ``hidden_layers`` glob patterns choose the blocks, default the model's stack).
+    ``progress(step)`` is told of every finished step (a progress bar; it changes nothing).
 
     Masked layers hold their masks (projection after every step). Recovery methods plug in through
     ``extra_loss()`` (a penalty added to the loss), ``before_step(step)`` (after backward, before the optimizer
@@ -155,13 +157,13 @@ def train(
         else None
     with hold(opt, model), no_dropout:  # masked layers keep their zeros (and tied tiles) through every step
         _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-               before_step, distill_loss, hidden)
+               before_step, distill_loss, hidden, progress)
     model.eval()
     return model
 
 
 def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperature, alpha, on_step, extra_loss,
-           before_step, distill_loss="kl", hidden=None) -> None:
+           before_step, distill_loss="kl", hidden=None, progress=None) -> None:
     weight, blocks = hidden if hidden is not None else (0.0, [])
     with HiddenStates(model, blocks) as s_states, HiddenStates(teacher, blocks) if teacher is not None \
             else contextlib.nullcontext() as t_states:
@@ -177,6 +179,8 @@ def _steps(model, opt, sched, data, steps, batch_size, seed, teacher, temperatur
                 if layerwise is not None:
                     loss = loss + weight * layerwise
             _step(model, opt, sched, loss, step, on_step, extra_loss, before_step)
+            if progress is not None:
+                progress(step)
 
 
 def _step(model, opt, sched, loss, step, on_step, extra_loss, before_step) -> None:

@@ -656,7 +656,9 @@ class _Progress:
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         info = {"state": trial.state.name.lower()}
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.values:
-            if not trial.user_attrs.get("feasible", True):
+            if trial.user_attrs.get("same_as") is not None:
+                info["state"] = f"repeat of {trial.user_attrs['same_as']}"
+            elif not trial.user_attrs.get("feasible", True):
                 info["state"] = "over budget"
             for n, v in zip(self.names, trial.values):
                 short = n.replace("latency_ms:", "ms:")

@@ -61,6 +61,19 @@ def test_training_is_deterministic_given_the_seed(tiny_digits):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_progress_hears_every_step_and_changes_nothing(tiny_digits):
+    """A long finish shows a bar; the callback sees each step once, and the weights are those of a run without it.
+    It is not a recovery hook: an exact copy of its teacher is still returned untouched."""
+    a, b = make_tiny_net(), make_tiny_net()
+    seen = []
+    train(a, tiny_digits, steps=5, lr=0.05, batch_size=32, seed=3, progress=seen.append)
+    train(b, tiny_digits, steps=5, lr=0.05, batch_size=32, seed=3)
+    assert seen == list(range(5)) and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    teacher, copy_ = make_tiny_net(), make_tiny_net()
+    train(copy_, tiny_digits, steps=5, lr=0.05, teacher=teacher, alpha=1.0, progress=seen.append)
+    assert len(seen) == 5 and all(torch.equal(p, q) for p, q in zip(copy_.parameters(), teacher.parameters()))
+
+
 def test_zero_steps_is_a_no_op(tiny_net, tiny_digits):
     before = copy.deepcopy(tiny_net.state_dict())
     train(tiny_net, tiny_digits, steps=0, lr=0.1)
