@@ -147,8 +147,11 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts = out / "texts.txt"
-    sentences = corpus(args.corpus, args.texts)
-    texts.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    if args.report_only and texts.is_file():  # the run's own texts (reading the packages' docstrings takes minutes)
+        sentences = texts.read_text(encoding="utf-8").splitlines()
+    else:
+        sentences = corpus(args.corpus, args.texts)
+        texts.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     space = out / "space.yaml"
     write_space(space, args.steps, args.lr, [float(r) for r in args.ratios.split(",")], args.method,
                 args.importance, args.distill_hidden)
