@@ -67,6 +67,11 @@ def test_worker_round_trip_and_errors(two_models, tmp_path):
         stats = proc.measure(MeasureSettings(warmup=1, min_repeats=5, max_repeats=10, time_cap_s=0.2))
         assert 5 <= stats.n <= 10 and stats.p10_ms <= stats.median_ms <= stats.p90_ms
         assert proc.fingerprint["intra_op_threads"] == 1
+        # untimed calls go on for warm_ms before the timed ones (the switch warm-up of issue 7)
+        import time as _time
+        t0 = _time.perf_counter()
+        assert len(proc.block(2, untimed=1, warm_ms=300.0)) == 2
+        assert _time.perf_counter() - t0 >= 0.3
     with pytest.raises(ModelError, match="does not fit"):
         ModelProcess(prof, str(big), (1, 7))
     bad = tmp_path / "garbage.onnx"

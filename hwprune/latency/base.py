@@ -100,9 +100,13 @@ class MeasureSettings:
     max_repeats: int = 300
     target_rel_ci: float = 0.02  # stop when the median's 95% CI is within +-2% of the median
     time_cap_s: float = 5.0
-    # Interleaved pairs alternate blocks of this many timed calls, each after one untimed call: the first call
-    # after switching models pays for the switch (cold caches, the other model's threads winding down).
+    # Interleaved pairs alternate blocks of this many timed calls, each after untimed calls: the calls right after
+    # switching models pay for the switch (caches the other model evicted, its threads winding down).
     interleave_block: int = 4
+    # Untimed calls after each switch go on until this much time has passed (at least one call). One call was not
+    # enough: a 1.2 ms resnet18 prune alternating with its 17 ms dense model ran its 2nd-4th calls 3-8% slower than
+    # alone (the dense model's 45 MB had evicted its weights), which read as a 4-8% lower speedup (issue 7).
+    switch_warmup_ms: float = 10.0
     # "process": every model of a comparison runs in a process of its own, as deployed (ONNX Runtime profiles;
     # see hwprune/latency/worker.py for why). "none": both in the measuring process. "auto": process for
     # ONNX Runtime, none for the torch backend (one OpenMP / CUDA context per process: no competing pools).
@@ -119,6 +123,7 @@ class MeasureSettings:
         "target_rel_ci": (float, 0.0, 1.0),
         "time_cap_s": (float, 0.0, 3600.0),
         "interleave_block": (int, 1, 1000),
+        "switch_warmup_ms": (float, 0.0, 10_000.0),
         "isolation": (str, None, ISOLATIONS),
         "plausible_margin": (float, 0.0, 100.0),
     }

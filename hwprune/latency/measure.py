@@ -132,14 +132,18 @@ def pair_from_samples(cand_ms: Sequence[float], ref_ms: Sequence[float], interle
     )
 
 
-def _block_timer(run: Callable[[], object], timed: Callable[[], float], block: int) -> Callable[[], float]:
-    """One sample of an interleaved measurement: with ``block`` > 1, an untimed call that absorbs the cost of
-    switching models, then the median of ``block`` timed calls."""
+def _block_timer(run: Callable[[], object], timed: Callable[[], float], block: int,
+                 warm_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
+    """One sample of an interleaved measurement: with ``block`` > 1, untimed calls that absorb the cost of
+    switching models (one, then more until ``warm_s`` has passed), then the median of ``block`` timed calls."""
     if block == 1:
         return timed
 
     def sample() -> float:
+        until = clock() + warm_s
         run()
+        while clock() < until:
+            run()
         return float(np.median([timed() for _ in range(block)]))
 
     return sample
@@ -162,8 +166,9 @@ def measure_interleaved(
         run_candidate()
         run_reference()
     block = max(1, int(getattr(settings, "interleave_block", 1)))
-    tc = _block_timer(run_candidate, _timer(run_candidate, clock, returns_ms), block)
-    tr = _block_timer(run_reference, _timer(run_reference, clock, returns_ms), block)
+    warm_s = float(getattr(settings, "switch_warmup_ms", 0.0)) / 1000.0
+    tc = _block_timer(run_candidate, _timer(run_candidate, clock, returns_ms), block, warm_s, clock)
+    tr = _block_timer(run_reference, _timer(run_reference, clock, returns_ms), block, warm_s, clock)
     cand: List[float] = []
     ref: List[float] = []
     started = clock()

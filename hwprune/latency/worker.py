@@ -13,7 +13,7 @@ verify`` compares against (:func:`time_alone`).
 
 Protocol: JSON lines on stdin/stdout.
   {"op": "load", "profile": {...}, "onnx": PATH, "shape": [...] | "inputs": spec}   -> {"ok": true, "fingerprint": {...}}
-  {"op": "block", "calls": K, "untimed": U}                         -> {"ok": true, "ms": [K floats]}
+  {"op": "block", "calls": K, "untimed": U, "warm_ms": W}          -> {"ok": true, "ms": [K floats]}
   {"op": "measure", "settings": {...}}                              -> {"ok": true, "stats": {...}}
   {"op": "quit"}
 Errors: {"ok": false, "error": one line, "kind": error class name}.
@@ -80,8 +80,12 @@ def serve(stdin=None, stdout=None) -> int:
                 if run is None:
                     raise ModelError("no model loaded; send 'load' first")
                 if op == "block":
-                    for _ in range(int(req.get("untimed", 0))):
+                    warm_until = time.perf_counter() + float(req.get("warm_ms", 0.0)) / 1000.0
+                    untimed = int(req.get("untimed", 0))
+                    done = 0
+                    while done < untimed or (done and time.perf_counter() < warm_until):
                         run()
+                        done += 1
                     ms: List[float] = []
                     for _ in range(int(req["calls"])):
                         t0 = time.perf_counter()
@@ -107,8 +111,8 @@ def serve(stdin=None, stdout=None) -> int:
 class ModelProcess:
     """A worker process holding one ONNX model with one profile's settings.
 
-    ``block(calls, untimed)`` runs ``untimed`` calls and then times ``calls`` calls, returning their latencies in
-    ms; ``measure(settings)`` runs the full stopping rule of :func:`hwprune.latency.measure.measure` in the worker.
+    ``block(calls, untimed, warm_ms)`` runs ``untimed`` calls (and more, untimed, until ``warm_ms`` have passed)
+    and then times ``calls`` calls, returning their latencies in ms; ``measure(settings)`` runs the full stopping rule of :func:`hwprune.latency.measure.measure` in the worker.
     Use as a context manager, or call ``close()``.
     """
 
@@ -179,9 +183,10 @@ class ModelProcess:
             os.kill(self._proc.pid, _SIGCONT)
             self._paused = False
 
-    def block(self, calls: int, untimed: int = 0) -> List[float]:
+    def block(self, calls: int, untimed: int = 0, warm_ms: float = 0.0) -> List[float]:
         self.resume()
-        return [float(x) for x in self._call({"op": "block", "calls": int(calls), "untimed": int(untimed)})["ms"]]
+        reply = self._call({"op": "block", "calls": int(calls), "untimed": int(untimed), "warm_ms": float(warm_ms)})
+        return [float(x) for x in reply["ms"]]
 
     def measure(self, settings: MeasureSettings) -> LatencyStats:
         self.resume()
@@ -216,8 +221,8 @@ def measure_pair_in_processes(candidate: ModelProcess, reference: ModelProcess,
                               settings: MeasureSettings) -> PairedLatency:
     """Candidate and reference, each in its own process, timed alternately in the same window.
 
-    Each sample is the median of ``interleave_block`` calls timed inside one worker after one untimed call (which
-    absorbs the switch: caches refilled, threads woken); the other worker is frozen (SIGSTOP) meanwhile, so its
+    Each sample is the median of ``interleave_block`` calls timed inside one worker after untimed calls lasting
+    ``switch_warmup_ms`` (at least one: they absorb the switch, caches refilled, threads woken); the other worker is frozen (SIGSTOP) meanwhile, so its
     spinning threads cannot steal a core. The stopping rule and the pair statistics are those of
     ``measure_interleaved``.
     """
@@ -230,7 +235,7 @@ def measure_pair_in_processes(candidate: ModelProcess, reference: ModelProcess,
     def sampler(proc: ModelProcess, other: ModelProcess):
         def sample() -> float:
             other.pause()  # its threads may still spin from its last run: freeze them
-            return float(np.median(proc.block(block, untimed=1)))
+            return float(np.median(proc.block(block, untimed=1, warm_ms=settings.switch_warmup_ms)))
 
         return sample
 
