@@ -30,6 +30,8 @@ MODEL_CHOICES = ("demo, torchvision:NAME, FILE.pt (torch.save of a whole model),
 class DemoBlock(nn.Module):
     """A ResNet basic block: two 3x3 convs with a shortcut (1x1 conv where the shape changes)."""
 
+    hwprune_residual = "resnet"  # torchvision BasicBlock's form: depth pruning may replace it by its shortcut
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)

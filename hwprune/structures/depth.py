@@ -7,6 +7,8 @@ Recognised blocks (``residual_kind``):
 * torchvision MobileNetV2 ``InvertedResidual`` with ``use_res_connect`` -> ``Identity``;
 * any module with attribute ``hwprune_residual = True`` declaring out = x + f(x) (output shape = input shape;
   checked when the input shape is known) -> ``Identity``;
+* any module with ``hwprune_residual = "resnet"``, declaring torchvision BasicBlock's form (``downsample`` or None,
+  the branch ending in ``bn2``, a ReLU after the add; hwprune's own ``DemoBlock``) -> as BasicBlock;
 * classes registered with ``register_residual(cls, to_shortcut, last_norm=None)``.
 
 The group is the whole block (one group): ratio >= 0.5 removes it (the contract's round half up), below keeps it.
@@ -52,6 +54,8 @@ def residual_kind(module: nn.Module) -> Optional[str]:
     except ImportError:  # pragma: no cover
         BasicBlock = Bottleneck = InvertedResidual = ()
     if BasicBlock and isinstance(module, (BasicBlock, Bottleneck)):
+        return "resnet"
+    if getattr(module, "hwprune_residual", None) == "resnet":
         return "resnet"
     if InvertedResidual and isinstance(module, InvertedResidual) and getattr(module, "use_res_connect", False):
         return "inverted_residual"
