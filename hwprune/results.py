@@ -20,6 +20,7 @@ from hwprune.errors import RunError
 from hwprune.export import save_torch
 from hwprune.fidelity import LABELS, QUALITY_COLUMNS
 from hwprune.plan import PruningPlan, replay_plan
+from hwprune.storage import SAME_AS
 from hwprune.workload import Workload
 
 LAT_PREFIX = "latency_ms:"
@@ -32,7 +33,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         m = t.user_attrs.get("metrics", {})
         state = t.state.name.lower()
         if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("feasible", True):
-            state = ("repeat" if t.user_attrs.get("same_as") is not None
+            state = ("repeat" if t.user_attrs.get(SAME_AS) is not None
                      else "screened" if t.user_attrs.get("screened") else "infeasible")
         row = {
             "trial": t.number,

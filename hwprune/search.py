@@ -157,7 +157,7 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
     return plan
 
 
-REALIZED, SAME_AS = "realized", "same_as"
+REALIZED, SAME_AS = "realized", shared.SAME_AS
 
 
 def earlier_same_model(study: optuna.Study, key: str, number: int) -> Optional[int]:
@@ -656,8 +656,8 @@ class _Progress:
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         info = {"state": trial.state.name.lower()}
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.values:
-            if trial.user_attrs.get("same_as") is not None:
-                info["state"] = f"repeat of {trial.user_attrs['same_as']}"
+            if trial.user_attrs.get(SAME_AS) is not None:
+                info["state"] = f"repeat of {trial.user_attrs[SAME_AS]}"
             elif not trial.user_attrs.get("feasible", True):
                 info["state"] = "over budget"
             for n, v in zip(self.names, trial.values):

@@ -102,6 +102,8 @@ def study_lock(url: str, timeout_s: float = 600.0) -> Iterator[None]:
                 yield
 
 
+# user attribute of a trial that built the same model as an earlier trial (its number): a repeat, not a new point
+SAME_AS = "same_as"
 _THREAD_LOCK = threading.RLock()
 
 
@@ -206,7 +208,7 @@ def done_count(study: optuna.Study, free_repeats: int = 0) -> int:
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get(RETRY_OF) for t in trials} - {None}
     finished = [t for t in trials if t.state in FINISHED and t.number not in retried]
-    repeats = sum(t.user_attrs.get("same_as") is not None for t in finished)
+    repeats = sum(t.user_attrs.get(SAME_AS) is not None for t in finished)
     return len(finished) - min(repeats, free_repeats)
 
 
