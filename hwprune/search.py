@@ -316,7 +316,10 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
 
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
-        plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, structures)
+        # a baseline or a proposal is a channel plan by definition: its layer structures stay off (unfixed by the
+        # enqueued parameters, the sampler would otherwise draw them, e.g. drop random blocks of a "uniform" plan)
+        fixed = trial.user_attrs.get("baseline") is not None or trial.user_attrs.get("proposal") is not None
+        plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, () if fixed else structures)
         trial.set_user_attr("plan", plan.to_json())
         if screen is not None and not dense and not plan.structures:
             measure, predicted = screen.should_measure_plan(plan)

@@ -31,7 +31,7 @@ from hwprune.latency import (
 from hwprune.plan import PruningPlan
 from hwprune.fidelity import OBJECTIVE_COLUMN, quality
 from hwprune.recover import recalibrate_bn, recover
-from hwprune.structures.delivered import delivered_reports
+from hwprune.structures.delivered import PHYSICAL_FORMS, delivered_reports
 from hwprune.workload import Workload
 
 
@@ -217,17 +217,23 @@ class TrialOutcome:
         """One line of the measured quality figures, e.g. 'agreement 0.9812  cosine 0.9950  kl 0.0213'."""
         return "  ".join(f"{k} {v:.4f}" for k, v in self.quality.items() if k != "exp_neg_kl")
 
+    def _stored_as_dense(self) -> List[Dict[str, Any]]:
+        """Reports of layers the cost count saw at full size: masked forms (zeros held in dense tensors, maybe
+        skipped when executed). Physically realized forms (a dropped block, a gather-conv) are already smaller in
+        the counted model; subtracting their savings again counted them twice (negative MACs, issue 11's run)."""
+        return [r for r in self.structures if r.get("executed") not in PHYSICAL_FORMS]
+
     @property
     def macs_effective(self) -> int:
-        """MACs the executed forms really run: dense work minus what realized structures skip."""
-        saved = sum((r["macs_dense"] or 0) - (r["macs_effective"] or 0) for r in self.structures
+        """MACs the executed forms really run: the counted model's MACs minus what masked forms skip."""
+        saved = sum((r["macs_dense"] or 0) - (r["macs_effective"] or 0) for r in self._stored_as_dense()
                     if r.get("macs_dense") is not None and r.get("macs_effective") is not None)
         return int(self.costs.macs - saved)
 
     @property
     def bytes_deployed(self) -> int:
         """Bytes with every structured layer stored in its deployed format (CSR, BSR, N:M, unified blocks)."""
-        return int(self.costs.bytes - sum(r["bytes_dense"] - r["bytes_deployed"] for r in self.structures))
+        return int(self.costs.bytes - sum(r["bytes_dense"] - r["bytes_deployed"] for r in self._stored_as_dense()))
 
     def metrics(self) -> Dict[str, Any]:
         """Flat, JSON-ready metrics (units in the names)."""

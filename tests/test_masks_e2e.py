@@ -54,7 +54,8 @@ def _trials(root):
     import pandas as pd
 
     df = pd.read_csv(root / "run" / "trials.csv")
-    return [(int(r.trial), PruningPlan.from_json(r.plan)) for r in df.itertuples() if r.role != "dense"]
+    plans = [(int(r.trial), PruningPlan.from_json(r.plan)) for r in df.itertuples() if r.role != "dense"]
+    return [(t, p) for t, p in plans if p.structures]  # warm-start baselines are channel plans (no masks)
 
 
 def _planned_zeros(plan: PruningPlan):

@@ -74,6 +74,8 @@ def test_block_structure_search_on_torch_cpu(tmp_path: Path):
             "--no-progress", "--sampler", "random"]
     assert main(args) == 0
     df = pd.read_csv(tmp_path / "run" / "trials.csv")
-    assert (df.state == "complete").all(), df[["trial", "state"]].to_string()
+    # a warm-start plan that builds an earlier trial's model is a repeat (its results stand, nothing re-measured)
+    assert df.state.isin(["complete", "repeat"]).all() and (df.state == "complete").sum() >= 4, \
+        df[["trial", "state"]].to_string()
     assert df.plan.str.contains('"block"').any()  # some trial did take the BSR structure
     assert df.plan.str.contains('"round_to": 8').all()  # the profile's channel_multiple (space: round_to 4)

@@ -20,6 +20,7 @@ from hwprune.structures.base import FP32_BYTES, INDEX_BYTES, bytes_bsr, bytes_cs
 from hwprune.structures.block import block_index
 
 MASKED_FORMS = ("dense-masked", "bsr", "semi-structured")
+PHYSICAL_FORMS = ("physical", "gather", "identity")  # realized in the module itself: its cost count already shows it
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
