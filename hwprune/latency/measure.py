@@ -132,6 +132,17 @@ def pair_from_samples(cand_ms: Sequence[float], ref_ms: Sequence[float], interle
     )
 
 
+def warm_up(run: Callable[[], object], calls: int, warm_s: float = 0.0,
+            clock: Callable[[], float] = time.perf_counter) -> None:
+    """Untimed calls after switching models: ``calls`` of them, then more (if at least one ran) until ``warm_s``
+    has passed since the first began. Shared by the in-process blocks and the worker processes."""
+    until = clock() + warm_s
+    done = 0
+    while done < calls or (done and clock() < until):
+        run()
+        done += 1
+
+
 def _block_timer(run: Callable[[], object], timed: Callable[[], float], block: int,
                  warm_s: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
     """One sample of an interleaved measurement: with ``block`` > 1, untimed calls that absorb the cost of
@@ -140,10 +151,7 @@ def _block_timer(run: Callable[[], object], timed: Callable[[], float], block: i
         return timed
 
     def sample() -> float:
-        until = clock() + warm_s
-        run()
-        while clock() < until:
-            run()
+        warm_up(run, 1, warm_s, clock)
         return float(np.median([timed() for _ in range(block)]))
 
     return sample

@@ -37,7 +37,7 @@ from hwprune.inputs import inputs_from_wire, inputs_to_wire
 import numpy as np
 
 from hwprune.latency.base import DeviceProfile, LatencyStats, MeasureSettings, PairedLatency
-from hwprune.latency.measure import measure, measure_interleaved, settings_from_dict, settings_to_dict
+from hwprune.latency.measure import measure, measure_interleaved, settings_from_dict, settings_to_dict, warm_up
 
 __all__ = ["ModelProcess", "measure_pair_in_processes", "time_alone", "serve"]
 
@@ -80,12 +80,7 @@ def serve(stdin=None, stdout=None) -> int:
                 if run is None:
                     raise ModelError("no model loaded; send 'load' first")
                 if op == "block":
-                    warm_until = time.perf_counter() + float(req.get("warm_ms", 0.0)) / 1000.0
-                    untimed = int(req.get("untimed", 0))
-                    done = 0
-                    while done < untimed or (done and time.perf_counter() < warm_until):
-                        run()
-                        done += 1
+                    warm_up(run, int(req.get("untimed", 0)), float(req.get("warm_ms", 0.0)) / 1000.0)
                     ms: List[float] = []
                     for _ in range(int(req["calls"])):
                         t0 = time.perf_counter()
@@ -112,7 +107,8 @@ class ModelProcess:
     """A worker process holding one ONNX model with one profile's settings.
 
     ``block(calls, untimed, warm_ms)`` runs ``untimed`` calls (and more, untimed, until ``warm_ms`` have passed)
-    and then times ``calls`` calls, returning their latencies in ms; ``measure(settings)`` runs the full stopping rule of :func:`hwprune.latency.measure.measure` in the worker.
+    and then times ``calls`` calls, returning their latencies in ms; ``measure(settings)`` runs the full stopping
+    rule of :func:`hwprune.latency.measure.measure` in the worker.
     Use as a context manager, or call ``close()``.
     """
 
@@ -222,9 +218,9 @@ def measure_pair_in_processes(candidate: ModelProcess, reference: ModelProcess,
     """Candidate and reference, each in its own process, timed alternately in the same window.
 
     Each sample is the median of ``interleave_block`` calls timed inside one worker after untimed calls lasting
-    ``switch_warmup_ms`` (at least one: they absorb the switch, caches refilled, threads woken); the other worker is frozen (SIGSTOP) meanwhile, so its
-    spinning threads cannot steal a core. The stopping rule and the pair statistics are those of
-    ``measure_interleaved``.
+    ``switch_warmup_ms`` (at least one: they absorb the switch, caches refilled, threads woken); the other worker
+    is frozen (SIGSTOP) meanwhile, so its spinning threads cannot steal a core. The stopping rule and the pair
+    statistics are those of ``measure_interleaved``.
     """
     block = max(1, int(settings.interleave_block))
     reference.pause()
