@@ -158,6 +158,7 @@ def plan_from_trial(workload: Workload, trial: optuna.Trial, structures: Sequenc
 
 
 REALIZED, SAME_AS = "realized", shared.SAME_AS
+STRUCTURES_ENQUEUED = "structures_enqueued"  # an enqueued trial that fixed every layer-structure parameter too
 
 
 def earlier_same_model(study: optuna.Study, key: str, number: int) -> Optional[int]:
@@ -306,7 +307,7 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
 
         used = 1 + len(study.user_attrs.get("warm_start") or [])
         enqueue_proposals(study, workload, meter, cfg.budget_profile or profiles[0].name, out, cfg.trials - used,
-                          cfg.seed, log)
+                          cfg.seed, log, offered=structures)
 
     fscreen = None
     if cfg.screen_fidelity and workload.data is not None:
@@ -317,8 +318,10 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
     def objective(trial: optuna.Trial) -> List[float]:
         dense = trial.user_attrs.get("role") == "dense"
         # a baseline or a proposal is a channel plan by definition: its layer structures stay off (unfixed by the
-        # enqueued parameters, the sampler would otherwise draw them, e.g. drop random blocks of a "uniform" plan)
-        fixed = trial.user_attrs.get("baseline") is not None or trial.user_attrs.get("proposal") is not None
+        # enqueued parameters, the sampler would otherwise draw them, e.g. drop random blocks of a "uniform" plan),
+        # unless it enqueued every structure parameter itself (a proposal that drops blocks)
+        fixed = ((trial.user_attrs.get("baseline") is not None or trial.user_attrs.get("proposal") is not None)
+                 and not trial.user_attrs.get(STRUCTURES_ENQUEUED))
         plan = workload.dense_plan() if dense else plan_from_trial(workload, trial, () if fixed else structures)
         trial.set_user_attr("plan", plan.to_json())
         if screen is not None and not dense and not plan.structures:

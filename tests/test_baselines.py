@@ -202,3 +202,23 @@ def test_greedy_proposals_take_latency_saved_per_accuracy_lost():
     assert plans[1] == ("greedy@0.4", {"a": 0.5, "b": 0.75, "c": 0.0})  # 4 ms
     unreachable = greedy_plans(effects, ["a", "b", "c"], dense_ms=10.0, targets=(0.1,))
     assert unreachable == [("greedy@0.2", {"a": 0.75, "b": 0.75, "c": 0.5})]  # everything taken: 2 ms
+
+
+def test_greedy_proposals_weigh_dropping_a_block_net_of_the_groups_inside_it():
+    from hwprune.proposals import GroupEffect, greedy_plans
+
+    effects = [
+        GroupEffect("blk.conv1", 0.5, 0.001, 2.0),  # a group inside the block: cheap, taken first
+        GroupEffect("stem", 0.5, 0.002, 1.0),
+        GroupEffect("blk", 1.0, 0.003, 3.0, kind="depth"),  # the whole block: only 1 ms more than its inner half
+    ]
+    plans = greedy_plans(effects, ["blk.conv1", "stem"], dense_ms=10.0, targets=(0.8, 0.7, 0.6),
+                         inside={"blk": ["blk.conv1"]})
+    # blk.conv1 first (2/0.001); then stem (1/0.002) beats the block's net 1 ms for 0.002; then the block, which
+    # releases blk.conv1 (reset to 0): 10 - 2 - 1 - 1 = 6 ms
+    assert plans == [("greedy@0.8", {"blk.conv1": 0.5, "stem": 0.0, "blk": 0.0}),
+                     ("greedy@0.7", {"blk.conv1": 0.5, "stem": 0.5, "blk": 0.0}),
+                     ("greedy@0.6", {"blk.conv1": 0.0, "stem": 0.5, "blk": 1.0})]
+    # without the inner group counted, the block's full 3 ms would have been credited on top of it: 4 ms, not 6
+    naive = greedy_plans(effects, ["blk.conv1", "stem"], dense_ms=10.0, targets=(0.1,))
+    assert naive == [("greedy@0.4", {"blk.conv1": 0.5, "stem": 0.5, "blk": 1.0})]

@@ -112,3 +112,33 @@ def test_a_search_with_depth_delivers_models_without_the_dropped_blocks(tmp_path
         assert convs == 15 - 2 * len(dropped), (r.trial, dropped, convs)  # two 3x3 convs per dropped block
         seen += bool(dropped)
     assert dense_convs == 15 and seen >= 1, (dense_convs, seen)
+
+
+@pytest.mark.slow
+def test_proposals_drop_blocks_and_fix_every_structure_parameter(tmp_path):
+    """With depth in the space, the hardware-aware proposals weigh dropping each block against the channel
+    cuts, and an enqueued proposal builds exactly its plan: no structure parameter is left to the sampler."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "prof.yaml").write_text(
+        FAST_PROFILE_YAML.replace("accelerates: [filter, channel]", "accelerates: [filter, channel, depth]"))
+    torch.save(_tiny_demo(), tmp_path / "demo.pt")
+    run = tmp_path / "run"
+    assert main(["search", "--model", str(tmp_path / "demo.pt"), "--trust-pickle", "--data", "digits",
+                 "--search-space", str(tmp_path / "space.yaml"), "--profile", str(tmp_path / "prof.yaml"),
+                 "--trials", "8", "--sampler", "random", "--proposals", "--no-export",
+                 "--verify-rounds", "0", "--out", str(run), "--no-progress"]) == 0
+    effects = pd.read_csv(run / "sensitivity.csv")
+    assert sorted(effects[effects.kind == "depth"].group) == ["layer1.1", "layer2.1", "layer3.1"]
+    study = optuna.load_study(study_name="hwprune", storage=f"sqlite:///{run / 'study.db'}")
+    proposals = [t for t in study.trials if t.user_attrs.get("proposal")]
+    assert proposals and all(t.user_attrs.get("structures_enqueued") for t in proposals)
+    dropping = 0
+    for t in proposals:
+        plan = PruningPlan.from_json(t.user_attrs["plan"])
+        enqueued = {k[: -len(".depth.ratio")] for k, v in t.params.items() if k.endswith(".depth.ratio") and v > 0}
+        assert {k for k, s in plan.structures.items() if s["structure"] == "depth"} == enqueued, t.number
+        assert len([k for k in t.params if k.endswith(".depth.ratio")]) == 3  # every block decided, none drawn
+        dropping += bool(enqueued)
+    assert dropping >= 1  # the furthest plan takes every item that saves time, blocks included
