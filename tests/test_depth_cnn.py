@@ -71,8 +71,8 @@ SPACE = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.slow
-def test_a_search_with_depth_delivers_models_without_the_dropped_blocks(tmp_path):
+def _search_tiny_demo(tmp_path, *args: str):
+    """A random-sampler search of the tiny demo with the depth space on digits (no export, no verify): its run dir."""
     (tmp_path / "space.yaml").write_text(SPACE)
     (tmp_path / "prof.yaml").write_text(
         FAST_PROFILE_YAML.replace("accelerates: [filter, channel]", "accelerates: [filter, channel, depth]"))
@@ -80,8 +80,14 @@ def test_a_search_with_depth_delivers_models_without_the_dropped_blocks(tmp_path
     run = tmp_path / "run"
     assert main(["search", "--model", str(tmp_path / "demo.pt"), "--trust-pickle", "--data", "digits",
                  "--search-space", str(tmp_path / "space.yaml"), "--profile", str(tmp_path / "prof.yaml"),
-                 "--trials", "6", "--sampler", "random", "--no-export",
-                 "--verify-rounds", "0", "--out", str(run), "--no-progress"]) == 0
+                 "--sampler", "random", "--no-export", "--verify-rounds", "0", "--out", str(run), "--no-progress",
+                 *args]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_a_search_with_depth_delivers_models_without_the_dropped_blocks(tmp_path):
+    run = _search_tiny_demo(tmp_path, "--trials", "6")
     df = pd.read_csv(run / "trials.csv")
     done = df[df.state == "complete"]
     # dropped blocks are gone from the counted model: no second subtraction (it once gave negative MACs)
@@ -120,15 +126,7 @@ def test_proposals_drop_blocks_and_fix_every_structure_parameter(tmp_path):
     cuts, and an enqueued proposal builds exactly its plan: no structure parameter is left to the sampler."""
     import optuna
 
-    (tmp_path / "space.yaml").write_text(SPACE)
-    (tmp_path / "prof.yaml").write_text(
-        FAST_PROFILE_YAML.replace("accelerates: [filter, channel]", "accelerates: [filter, channel, depth]"))
-    torch.save(_tiny_demo(), tmp_path / "demo.pt")
-    run = tmp_path / "run"
-    assert main(["search", "--model", str(tmp_path / "demo.pt"), "--trust-pickle", "--data", "digits",
-                 "--search-space", str(tmp_path / "space.yaml"), "--profile", str(tmp_path / "prof.yaml"),
-                 "--trials", "8", "--sampler", "random", "--proposals", "--no-export",
-                 "--verify-rounds", "0", "--out", str(run), "--no-progress"]) == 0
+    run = _search_tiny_demo(tmp_path, "--trials", "8", "--proposals")
     effects = pd.read_csv(run / "sensitivity.csv")
     assert sorted(effects[effects.kind == "depth"].group) == ["layer1.1", "layer2.1", "layer3.1"]
     study = optuna.load_study(study_name="hwprune", storage=f"sqlite:///{run / 'study.db'}")
