@@ -176,6 +176,8 @@ def enqueue_proposals(study: optuna.Study, workload: Workload, meter, profile: s
     the layer structures the search offers (blocks are proposed for removal where it includes ``depth``)."""
     if study.user_attrs.get("proposals") is not None or workload.data is None or max_trials <= 0:
         return []
+    if offered is None:  # the space's structures, as depth_layers reads them
+        offered = list(workload.space.structures.allowed) if workload.space.structures is not None else []
     blocks = depth_layers(workload, offered)
     effects = measure_effects(workload, meter, profile, Path(run_dir), seed=seed, log=log, blocks=blocks)
     pd.DataFrame([asdict(e) for e in effects]).to_csv(Path(run_dir) / "sensitivity.csv", index=False)
@@ -189,7 +191,7 @@ def enqueue_proposals(study: optuna.Study, workload: Workload, meter, profile: s
         attrs = {"proposal": tag}
         if blocks:
             attrs[STRUCTURES_ENQUEUED] = True
-        study.enqueue_trial(trial_params(workload, ratios, blocks, offered or ("depth",)), user_attrs=attrs)
+        study.enqueue_trial(trial_params(workload, ratios, blocks, offered), user_attrs=attrs)
         tags.append(tag)
     study.set_user_attr("proposals", tags)
     log(f"proposals: {', '.join(tags) or 'none'} enqueued (greedy latency saved per accuracy lost)")

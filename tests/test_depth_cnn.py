@@ -132,11 +132,17 @@ def test_proposals_drop_blocks_and_fix_every_structure_parameter(tmp_path):
     study = optuna.load_study(study_name="hwprune", storage=f"sqlite:///{run / 'study.db'}")
     proposals = [t for t in study.trials if t.user_attrs.get("proposal")]
     assert proposals and all(t.user_attrs.get("structures_enqueued") for t in proposals)
-    dropping = 0
+    # the greedy over the probed effects (blocks' inner groups: the tiny demo's conv1 groups) decides each plan
+    from hwprune.proposals import GroupEffect, greedy_plans
+
+    fx = [GroupEffect(**r) for r in effects.to_dict("records")]
+    groups = sorted(set(effects[effects.kind == "channels"].group))
+    blocks = ["layer1.1", "layer2.1", "layer3.1"]
+    expected = dict(greedy_plans(fx, groups, study.user_attrs["reference_ms"]["prof"],
+                                 inside={b: [g for g in groups if g.startswith(b + ".")] for b in blocks}))
     for t in proposals:
         plan = PruningPlan.from_json(t.user_attrs["plan"])
         enqueued = {k[: -len(".depth.ratio")] for k, v in t.params.items() if k.endswith(".depth.ratio") and v > 0}
         assert {k for k, s in plan.structures.items() if s["structure"] == "depth"} == enqueued, t.number
         assert len([k for k in t.params if k.endswith(".depth.ratio")]) == 3  # every block decided, none drawn
-        dropping += bool(enqueued)
-    assert dropping >= 1  # the furthest plan takes every item that saves time, blocks included
+        assert enqueued == {b for b in blocks if expected[t.user_attrs["proposal"]][b] > 0}, t.number
