@@ -40,12 +40,10 @@ class GroupEffect:
     kind: str = "channels"  # or "depth": ``group`` is then a residual block dropped whole (ratio 1.0)
 
 
-def depth_layers(workload: Workload, offered: Optional[Sequence[str]] = None) -> List[str]:
+def depth_layers(workload: Workload, offered: Sequence[str]) -> List[str]:
     """The structure layers the proposals may drop whole: all of them when ``depth`` is offered (``offered``: the
-    structures the search offers, default the space's) and applies to every one (so an enqueued proposal fixes
-    every layer's structure parameters), none otherwise."""
-    st = workload.space.structures
-    offered = list(st.allowed if st is not None else ()) if offered is None else list(offered)
+    structures the search offers) and applies to every one (so an enqueued proposal fixes every layer's structure
+    parameters), none otherwise."""
     if not workload.structure_layers or "depth" not in offered:
         return []
     modules = dict(workload.model.named_modules())
@@ -59,8 +57,6 @@ def inner_groups(workload: Workload, blocks: Sequence[str]) -> Dict[str, List[st
     return {b: [g.name for g in workload.groups if all(m.startswith(b + ".") for m in g.members)] for b in blocks}
 
 
-def _drop(blocks: Sequence[str]) -> Dict[str, dict]:
-    return {b: normalize_spec(b, {"structure": "depth", "ratio": 1.0, "params": {}}) for b in blocks}
 
 
 def cheap_accuracy(workload: Workload, ratios: Dict[str, float], bn_batches: int = 10, seed: int = 0) -> float:
@@ -84,25 +80,24 @@ def measure_effects(workload: Workload, meter, profile: str, workdir: Path, bn_b
     """One pruned model per (group, nonzero grid ratio), and per droppable block: accuracy drop and latency saved."""
     base_acc = cheap_accuracy(workload, {}, bn_batches, seed)  # dense, treated like the candidates
     base_ms = meter.reference_ms[profile]
-    effects = []
     workdir = Path(workdir)
-    for g in workload.groups:
-        for r in [r for r in workload.space.ratios if r > 0]:
-            model = workload.apply(workload.plan({g.name: r}))[0]
-            ms = meter.measure(model, workdir / "probe")[profile].median_ms
-            acc = _recalibrated_accuracy(workload, model, bn_batches, seed)
-            effects.append(GroupEffect(g.name, float(r), base_acc - acc, base_ms - ms))
-    for block in blocks:
-        plan = workload.dense_plan()
-        plan.structures.update(_drop([block]))
+
+    def probe(name: str, ratio: float, plan, kind: str = "channels") -> GroupEffect:
         model = workload.apply(plan)[0]
         ms = meter.measure(model, workdir / "probe")[profile].median_ms
         acc = _recalibrated_accuracy(workload, model, bn_batches, seed)
-        effects.append(GroupEffect(block, 1.0, base_acc - acc, base_ms - ms, kind="depth"))
+        return GroupEffect(name, float(ratio), base_acc - acc, base_ms - ms, kind)
+
+    effects = [probe(g.name, r, workload.plan({g.name: r}))
+               for g in workload.groups for r in workload.space.ratios if r > 0]
+    for block in blocks:
+        plan = workload.dense_plan()
+        plan.structures[block] = normalize_spec(block, {"structure": "depth", "ratio": 1.0, "params": {}})
+        effects.append(probe(block, 1.0, plan, kind="depth"))
     shutil.rmtree(workdir / "probe", ignore_errors=True)
-    blocks = sum(e.kind == "depth" for e in effects)
-    log(f"proposals: measured {len(effects) - blocks} single-group effects"
-        + (f" and {blocks} block removals" if blocks else "")
+    removals = sum(e.kind == "depth" for e in effects)
+    log(f"proposals: measured {len(effects) - removals} single-group effects"
+        + (f" and {removals} block removals" if removals else "")
         + f" (accuracy with BN recalibration only, latency on {profile})")
     return effects
 
@@ -156,7 +151,7 @@ def greedy_plans(effects: Sequence[GroupEffect], groups: Sequence[str], dense_ms
 
 
 def trial_params(workload: Workload, ratios: Dict[str, float], blocks: Sequence[str],
-                 offered: Sequence[str] = ("depth",)) -> Dict[str, object]:
+                 offered: Sequence[str]) -> Dict[str, object]:
     """The Optuna parameters that make ``plan_from_trial`` build this plan: every group's ratio and, where blocks
     may be dropped, every structure layer's choice (depth, dropped or kept), so the sampler draws none of them."""
     params: Dict[str, object] = {PARAM_PREFIX + g.name: ratios.get(g.name, 0.0) for g in workload.groups}
