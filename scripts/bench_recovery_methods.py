@@ -36,6 +36,7 @@ VARIANTS = {  # label -> (method, its hyperparameters)
     "iterative ramp 0.3": ("iterative", {"ramp_fraction": 0.3}),
     "dpu one_stage": ("dpu", {"mode": "one_stage"}),
     "dpu multi_step": ("dpu", {"mode": "multi_step"}),
+    "dpu fixed": ("dpu", {"mode": "fixed"}),
     "admm": ("admm", {}),
     "cdp_dtc intended": ("cdp_dtc", {"mode": "intended"}),
     "cdp_dtc code_faithful": ("cdp_dtc", {"mode": "code_faithful"}),

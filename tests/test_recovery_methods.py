@@ -20,6 +20,7 @@ from hwprune.structures import n_removed
 
 X = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 VARIANTS = [("finetune", {}), ("iterative", {}), ("dpu", {"mode": "one_stage"}), ("dpu", {"mode": "multi_step"}),
+            ("dpu", {"mode": "fixed"}),
             ("admm", {}), ("cdp_dtc", {"mode": "intended"}), ("cdp_dtc", {"mode": "code_faithful"})]
 
 
@@ -122,7 +123,7 @@ def test_recovery_method_yaml_is_parsed_and_validated():
         ("recovery:\n  method: sgdr\n", r"recovery\.method\[0\]: 'sgdr' is not valid; choose one of: finetune"),
         ("recovery:\n  method: [dpu, dpu]\n", "lists a method twice"),
         ("recovery:\n  dpu: {interval: 0}\n", r"recovery\.dpu\.interval: 0 is below the minimum 1"),
-        ("recovery:\n  dpu: {mode: fast}\n", r"recovery\.dpu\.mode: 'fast' is not valid; choose one of: one_stage, multi_step"),
+        ("recovery:\n  dpu: {mode: fast}\n", r"recovery\.dpu\.mode: 'fast' is not valid; choose one of: one_stage, multi_step, fixed"),
         ("recovery:\n  admm: {rh0: 1}\n", r"recovery\.admm: unknown key 'rh0'; valid keys: rounds, rho"),
         ("recovery:\n  finetune: {lr: 1}\n", "has no hyperparameters"),
         ("recovery:\n  cdp_dtc: {prop: fast}\n", r"recovery\.cdp_dtc\.prop: expected float"),

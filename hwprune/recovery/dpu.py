@@ -3,8 +3,11 @@
 Forward uses W * M, backward passes the gradient to every weight (the mask is not applied to it), so pruned
 weights keep training and may return when M is recomputed from |W| every ``interval`` steps. The masked layers
 restart from their dense weights. ``one_stage``: the ratio ramps from 0 to the target over the dynamic phase (cubic);
-``multi_step``: ``stages`` equal steps s_k = k/K * target, each held for an equal share of the phase. After the
-dynamic phase (``1 - finetune_fraction`` of the budget) W <- W * M at the target and the rest fine-tunes masked.
+``multi_step``: ``stages`` equal steps s_k = k/K * target, each held for an equal share of the phase; ``fixed``: the
+target from the first step (no ramp), i.e. the one-shot magnitude mask that ``finetune`` keeps, but recomputed every
+``interval`` steps so that a pruned weight whose straight-through updates make it large comes back (the
+"dynamic pruning with feedback" of Lin et al., ICLR 2020, with DPU's operator). After the dynamic phase
+(``1 - finetune_fraction`` of the budget) W <- W * M at the target and the rest fine-tunes masked.
 
 Guard (``ste_clip``, on by default): the straight-through gradient of the masked weights of a layer is capped at
 the norm of its kept weights' gradient, and is zero for a filter whose every weight is masked. Such a filter whose every weight is masked feeds BatchNorm a constant channel,
@@ -46,11 +49,11 @@ class StraightThroughMask(nn.Module):
 
 class Dpu(RecoveryMethod):
     name = "dpu"
-    description = "dynamic masks recomputed every k steps, straight-through gradients (one_stage or multi_step)"
+    description = "dynamic masks recomputed every k steps, straight-through gradients (one_stage, multi_step, fixed)"
     param_types = {"mode": (str, None, None, "one_stage"), "interval": (int, 1, None, 10),
                    "stages": (int, 1, None, 3), "finetune_fraction": (float, 0.0, 1.0, 0.2),
                    "ste_clip": (bool, None, None, True)}
-    choices = {"mode": ("one_stage", "multi_step")}
+    choices = {"mode": ("one_stage", "multi_step", "fixed")}
 
     def why_not(self, layer):
         if layer.structure.name == "unify":
@@ -58,6 +61,8 @@ class Dpu(RecoveryMethod):
         return None
 
     def ratio_at(self, p, target: float, t: int, phase: int) -> float:
+        if p["mode"] == "fixed":
+            return target
         if p["mode"] == "multi_step":
             k = min(p["stages"], 1 + t * p["stages"] // max(phase, 1))
             return target * k / p["stages"]
