@@ -74,7 +74,8 @@ def cmd_search(args) -> int:
                        allow_changed_config=args.allow_changed_config, heartbeat_s=args.heartbeat,
                        grace_s=args.grace, allow_device_change=args.allow_device_change,
                        warm_start=not args.no_warm_start, proposals=args.proposals,
-                       screen_fidelity=args.screen_fidelity, screen_fidelity_margin=args.screen_fidelity_margin)
+                       screen_fidelity=args.screen_fidelity, screen_fidelity_margin=args.screen_fidelity_margin,
+                       max_drop=args.max_drop)
     check_search_config(cfg)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     profiles = load_profiles(args.profile or ["cpu"])
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-budget-ms", type=_num(float, 0, low_open=True),
                    help="latency budget on the budget profile (a constraint)")
     s.add_argument("--budget-profile", help="profile the budget applies to (default: the first)")
+    s.add_argument("--max-drop", type=_num(float, 0, low_open=True), metavar="D",
+                   help="largest loss of the quality objective vs the dense model worth searching, in its units "
+                        "(0.02 = 2 pp of accuracy): a constraint that steers the sampler away from worse candidates")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory)")
     s.add_argument("--study", default="hwprune", help="study name; rerun with the same name to resume")

@@ -60,6 +60,10 @@ class SearchConfig:
     proposals: bool = False  # enqueue greedy plans from measured per-group sensitivity and latency saved
     screen_fidelity: bool = False  # train only candidates whose cheap score could reach the front (fidelity_screen)
     screen_fidelity_margin: float = 0.01  # in the objective's units
+    # a constraint for the sampler: a candidate whose quality objective falls more than this below the dense
+    # trial's (objective units: 0.05 = 5 pp of accuracy) is infeasible, so the sampler spends its trials where a
+    # user would pick a model; such trials stay in trials.csv (and on the front, if Pareto-optimal)
+    max_drop: Optional[float] = None
 
 
 def objective_names(workload: Workload, profiles: Sequence[DeviceProfile], macs_objective: bool) -> List[str]:
@@ -89,6 +93,17 @@ def make_sampler(name: str, seed: int, trials: int, constrained: bool):
     raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
+def quality_violation(study: optuna.Study, value: float, max_drop: float, dense: bool = False) -> float:
+    """How far ``value`` (the quality objective, maximized) falls below the dense trial's minus ``max_drop``
+    (> 0: infeasible). 0 for the dense trial itself, and while no dense trial has finished (another worker's)."""
+    if dense:
+        return 0.0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("role") == "dense" and t.values:
+            return float(t.values[0] - max_drop - value)
+    return 0.0
+
+
 def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return trial.user_attrs.get("constraint", [0.0])
 
@@ -106,7 +121,8 @@ def open_study(cfg: SearchConfig, names: Sequence[str], load_only: bool = False,
                 return optuna.load_study(study_name=cfg.study_name, storage=storage)
             except KeyError as e:
                 raise RunError(f"no study {cfg.study_name!r} in {cfg.storage or cfg.out_dir}; check --study") from e
-        sampler = make_sampler(cfg.sampler, cfg.seed, cfg.trials, cfg.latency_budget_ms is not None)
+        sampler = make_sampler(cfg.sampler, cfg.seed, cfg.trials,
+                               cfg.latency_budget_ms is not None or cfg.max_drop is not None)
         study = optuna.create_study(
             study_name=cfg.study_name, storage=storage, sampler=sampler, directions=directions(names),
             load_if_exists=True,
@@ -270,6 +286,9 @@ def run_search(
     workers may run it together on one storage. SIGINT/SIGTERM raise SearchInterrupted after the running trial;
     finished trials are already in the storage, so nothing finished is lost."""
     check_search_config(cfg)
+    if cfg.max_drop is not None and workload.data is None:
+        raise ConfigError(f"--max-drop {cfg.max_drop:g} bounds the loss of the quality objective, but this search has "
+                          f"none (latency only); give --data (or drop --max-drop)")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workload = workload.for_profiles(profiles)  # channel counts the targets need (profile channel_multiple)
@@ -358,10 +377,16 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
         if outcome.screened:
             trial.set_user_attr("screened", True)
             trial.set_user_attr("cheap_screened", True)
+        values = _values(outcome, names, dense_macs)
+        constraint = []
         if cfg.latency_budget_ms is not None:
             bp = cfg.budget_profile or profiles[0].name
-            trial.set_user_attr("constraint", [outcome.latency[bp].median_ms - cfg.latency_budget_ms])
-        return _values(outcome, names, dense_macs)
+            constraint.append(outcome.latency[bp].median_ms - cfg.latency_budget_ms)
+        if cfg.max_drop is not None:
+            constraint.append(quality_violation(study, values[0], cfg.max_drop, dense))
+        if constraint:
+            trial.set_user_attr("constraint", constraint)
+        return values
 
     done = shared.done_count(study, free_repeats=cfg.trials)
     remaining = cfg.trials - done
@@ -394,7 +419,8 @@ def check_search_config(cfg: SearchConfig) -> None:
 
     if not isinstance(cfg.trials, int) or cfg.trials < 1:
         raise ConfigError(f"trials {cfg.trials!r} must be a whole number of at least 1 (finished trials wanted)")
-    for name, value in (("timeout_s", cfg.timeout_s), ("latency_budget_ms", cfg.latency_budget_ms)):
+    for name, value in (("timeout_s", cfg.timeout_s), ("latency_budget_ms", cfg.latency_budget_ms),
+                        ("max_drop", cfg.max_drop)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} {value!r} must be a positive finite number")
     if not (math.isfinite(cfg.screen_margin) and cfg.screen_margin >= 0):
@@ -445,6 +471,7 @@ def _setup_study(study: optuna.Study, workload: Workload, profiles: Sequence[Dev
         study.set_user_attr("inputs", None if workload.inputs.is_image else workload.inputs.to_dict())
         study.set_user_attr("sequence_length", workload.sequence_length)
         study.set_user_attr("latency_budget_ms", cfg.latency_budget_ms)
+        study.set_user_attr("max_drop", cfg.max_drop)
         study.set_user_attr("budget_profile", cfg.budget_profile or profiles[0].name)
         study.set_user_attr("fingerprints", meter.fingerprints())
         study.set_user_attr("seed", cfg.seed)
@@ -591,7 +618,8 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
     trial.set_user_attr("predicted_ms", predicted)
     trial.set_user_attr("feasible", False)
     trial.set_user_attr("reason", reason)
-    trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms])
+    # the same length as a measured trial's (the quality bound cannot be violated untrained)
+    trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms] + ([0.0] if cfg.max_drop is not None else []))
     metrics = {OBJECTIVE_COLUMN[workload.objective]: None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
     values = []
     for n in names:

@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--random-count", type=int, default=None, help="random plans (default: as many as --trials; 0: skip)")
     ap.add_argument("--proposals", action="store_true", help="also enqueue the greedy hardware-aware proposals")
     ap.add_argument("--no-warm-start", action="store_true")
+    ap.add_argument("--max-drop", type=float, default=None,
+                    help="the search's --max-drop (accuracy units): candidates worse than dense minus this are "
+                         "infeasible for the sampler")
     ap.add_argument("--no-retime", action="store_true")
     ap.add_argument("--retime-rounds", type=int, default=3, help="rounds of timing every model alone")
     ap.add_argument("--out", required=True)
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
                 if args.model == "demo" else vgg_workload(out, args.search_space, args.seed))
     profile = load_profile(args.profile)
     cfg = SearchConfig(out_dir=out, trials=args.trials, seed=args.seed, sampler=args.sampler, progress=False,
-                       proposals=args.proposals, warm_start=not args.no_warm_start)
+                       proposals=args.proposals, warm_start=not args.no_warm_start, max_drop=args.max_drop)
     t1 = time.perf_counter()
     study = run_search(workload, [profile], cfg)
     t_search = time.perf_counter() - t1
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
     lines = [
         f"`{args.model}` on MNIST-5k, profile `{profile.name}`, search space `{args.search_space}`, sampler "
         f"{args.sampler}, {len(df)} trials (warm start: {', '.join(study.user_attrs.get('warm_start') or []) or 'none'}; "
-        f"proposals: {', '.join(study.user_attrs.get('proposals') or []) or 'none'}); "
+        f"proposals: {', '.join(study.user_attrs.get('proposals') or []) or 'none'}"
+        f"{'' if args.max_drop is None else f'; --max-drop {args.max_drop:g}'}); "
         f"search {t_search / 60:.1f} min, global + random baselines {t_base / 60:.1f} min; model ready in "
         f"{t1 - t0:.0f} s.",
         f"Dense (trial 0, same recovery budget): accuracy {dense.accuracy:.4f}, {dense.macs / 1e6:.2f} M MACs.",

@@ -23,7 +23,7 @@ NUMBERS = st.one_of(
 )
 JUNK = st.one_of(NUMBERS, st.text(max_size=12), st.sampled_from(["--", "-", "--help-me", "--trials", "=", "\x00x"]))
 FLAGS = {
-    "search": ["--trials", "--timeout", "--latency-budget-ms", "--screen-margin", "--heartbeat", "--grace", "--seed",
+    "search": ["--trials", "--timeout", "--latency-budget-ms", "--max-drop", "--screen-margin", "--heartbeat", "--grace", "--seed",
                "--image-size", "--sampler", "--budget-profile", "--study", "--input-shape"],
     "prune": ["--ratio", "--seed", "--image-size", "--input-shape"],
     "profile": ["--lut-check", "--top", "--seed", "--input-shape"],

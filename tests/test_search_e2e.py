@@ -343,3 +343,34 @@ def test_a_plan_that_builds_an_earlier_trials_model_is_a_repeat_and_does_not_cou
     assert first not in set(repeats.trial)  # the first trial of a model is the one that counts
     front = pareto_frame(df, [c.replace("macs_kept", "macs") for c in objective_names(workload, [], False)])
     assert not set(front.trial) & set(repeats.trial)
+
+
+def test_max_drop_is_a_constraint_the_sampler_sees(tmp_path, space_file, profile_file):
+    """--max-drop: every candidate carries (dense accuracy - max_drop - its accuracy) as a constraint, and the
+    sampler stores it (Optuna's constraints attribute), so worse candidates count as infeasible for it."""
+    import optuna
+
+    from hwprune.config import load_profile
+    from hwprune.errors import ConfigError
+    from hwprune.search import SearchConfig, run_search
+    from hwprune.workload import build_workload
+
+    model_path = tmp_path / "tiny.pt"
+    torch.save(make_tiny_net(), model_path)
+    workload = build_workload(str(model_path), "digits", str(space_file), trust_pickle=True)
+    cfg = SearchConfig(out_dir=tmp_path / "run", trials=5, progress=False, sampler="tpe", max_drop=0.02)
+    study = run_search(workload, [load_profile(str(profile_file))], cfg, log=lambda m: None)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    dense = next(t for t in done if t.user_attrs.get("role") == "dense")
+    assert dense.user_attrs["constraint"] == [0.0]
+    candidates = [t for t in done if t is not dense]
+    assert len(candidates) == 4
+    for t in candidates:
+        expected = dense.values[0] - 0.02 - t.values[0]
+        assert t.user_attrs["constraint"] == pytest.approx([expected])
+        assert t.system_attrs["constraints"] == pytest.approx([expected])  # what the sampler ranks by
+    assert study.user_attrs["max_drop"] == 0.02
+    latency_only = build_workload(str(model_path), "none", str(space_file), trust_pickle=True, input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="--max-drop 0.02 bounds the loss of the quality objective"):
+        run_search(latency_only, [load_profile(str(profile_file))],
+                   SearchConfig(out_dir=tmp_path / "lat", trials=2, progress=False, max_drop=0.02), log=lambda m: None)
