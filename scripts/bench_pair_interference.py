@@ -90,6 +90,14 @@ def sandwich(profile, model: str, shape, rounds: int) -> list:
     return lines
 
 
+def emit(lines: list, report) -> int:
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if report:
+        Path(report).write_text(text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="torchvision:resnet18")
@@ -114,11 +122,7 @@ def main(argv=None) -> int:
                  f"`python scripts/bench_pair_interference.py --model {args.model} --profile {args.profile} "
                  f"--sandwich-rounds {args.sandwich_rounds}`", "",
                  *sandwich(profile, args.model, shape, args.sandwich_rounds)]
-        text = "\n".join(lines) + "\n"
-        print(text)
-        if args.report:
-            Path(args.report).write_text(text)
-        return 0
+        return emit(lines, args.report)
     with tempfile.TemporaryDirectory() as tmp:
         files = make_models(args.model, shape, [args.ratio], Path(tmp))
         cand, dense = files[f"r{args.ratio:g}"], files["dense"]
@@ -142,11 +146,7 @@ def main(argv=None) -> int:
                      f" | {r['pair'] / r['dense_pair']:.3f} | {r['alone'] / r['dense_alone']:.3f} |")
     spread = (max(alone) - lo) / lo
     lines += ["", f"Candidate alone across fresh processes: {lo:.3f}-{max(alone):.3f} ms (spread {100 * spread:.1f}%)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.report:
-        Path(args.report).write_text(text)
-    return 0
+    return emit(lines, args.report)
 
 
 if __name__ == "__main__":
