@@ -104,6 +104,17 @@ def quality_violation(study: optuna.Study, value: float, max_drop: float, dense:
     return 0.0
 
 
+def constraint_values(cfg: SearchConfig, latency_ms: Optional[float], quality_gap: float = 0.0) -> List[float]:
+    """A trial's constraint vector, one layout for every trial of a study: [latency - budget] with a budget,
+    [quality_violation] with --max-drop (0 where it cannot be violated, e.g. a candidate screened out untrained)."""
+    out = []
+    if cfg.latency_budget_ms is not None:
+        out.append(latency_ms - cfg.latency_budget_ms)
+    if cfg.max_drop is not None:
+        out.append(quality_gap)
+    return out
+
+
 def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return trial.user_attrs.get("constraint", [0.0])
 
@@ -378,12 +389,10 @@ def _run_search(workload: Workload, profiles: Sequence[DeviceProfile], cfg: Sear
             trial.set_user_attr("screened", True)
             trial.set_user_attr("cheap_screened", True)
         values = _values(outcome, names, dense_macs)
-        constraint = []
-        if cfg.latency_budget_ms is not None:
-            bp = cfg.budget_profile or profiles[0].name
-            constraint.append(outcome.latency[bp].median_ms - cfg.latency_budget_ms)
-        if cfg.max_drop is not None:
-            constraint.append(quality_violation(study, values[0], cfg.max_drop, dense))
+        gap = quality_violation(study, values[0], cfg.max_drop, dense) if cfg.max_drop is not None else 0.0
+        latency_ms = (outcome.latency[cfg.budget_profile or profiles[0].name].median_ms
+                      if cfg.latency_budget_ms is not None else None)
+        constraint = constraint_values(cfg, latency_ms, gap)
         if constraint:
             trial.set_user_attr("constraint", constraint)
         return values
@@ -618,8 +627,7 @@ def _screened(trial, workload: Workload, plan: PruningPlan, predicted: float, sc
     trial.set_user_attr("predicted_ms", predicted)
     trial.set_user_attr("feasible", False)
     trial.set_user_attr("reason", reason)
-    # the same length as a measured trial's (the quality bound cannot be violated untrained)
-    trial.set_user_attr("constraint", [predicted - cfg.latency_budget_ms] + ([0.0] if cfg.max_drop is not None else []))
+    trial.set_user_attr("constraint", constraint_values(cfg, predicted))
     metrics = {OBJECTIVE_COLUMN[workload.objective]: None, "feasible": False, "reason": reason, "macs": macs, "plan": plan.summary()}
     values = []
     for n in names:
