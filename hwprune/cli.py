@@ -110,7 +110,7 @@ def cmd_search(args) -> int:
 
 def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
     """Re-time the front alone (ground truth) and print reported vs isolated speedups; True when all agree."""
-    from hwprune.verify import format_rows, verify_run
+    from hwprune.verify import format_rows, summary_line, verify_run
 
     _log(f"verifying the front: every model timed alone in a fresh process, {rounds} rounds "
          f"(skip with --verify-rounds 0)")
@@ -119,21 +119,14 @@ def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
         return True
     print(format_rows(rows, tolerance))
     bad = [r for r in rows if abs(r.rel_error) > tolerance]
-    noisy = [r for r in bad if r.spread > tolerance]
-    if bad:
-        print(f"{len(bad)} of {len(rows)} reported speedups differ from the models timed alone by more than "
-              f"{100 * tolerance:g}%" + (f" ({len(noisy)} of them on a machine whose own run-to-run spread exceeds "
-                                        f"that; see 'alone range')" if noisy else "")
-              + "; pareto.csv carries both figures (isolated_speedup:*)")
-    else:
-        print(f"all {len(rows)} reported speedups agree with the models timed alone within {100 * tolerance:g}%")
+    print(summary_line(rows, tolerance) + "; pareto.csv carries both figures (isolated_speedup:*)")
     return not bad
 
 
 def cmd_verify(args) -> int:
     if not 0 < args.tolerance < 1:
         raise HwpruneError(f"--tolerance {args.tolerance} must be a fraction in (0, 1), e.g. 0.05 for 5%")
-    from hwprune.verify import format_rows, verify_run
+    from hwprune.verify import format_rows, summary_line, verify_run
 
     rows = verify_run(Path(args.run), profile_names=args.profile, rounds=args.rounds, tolerance=args.tolerance,
                       log=_log)
@@ -141,7 +134,7 @@ def cmd_verify(args) -> int:
         raise RunError(f"nothing to verify in {args.run}: no ONNX Runtime profile with front models")
     print(format_rows(rows, args.tolerance))
     bad = [r for r in rows if abs(r.rel_error) > args.tolerance]
-    print(f"{len(rows) - len(bad)} of {len(rows)} within {100 * args.tolerance:g}%; wrote {Path(args.run) / 'verify.csv'}")
+    print(f"{summary_line(rows, args.tolerance)}; wrote {Path(args.run) / 'verify.csv'}")
     return EXIT_ERROR if bad else 0
 
 

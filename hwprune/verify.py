@@ -44,6 +44,22 @@ class VerifyRow:
         """Half the relative width of the isolated speedup's range over rounds: the ground truth's own noise."""
         return (self.isolated_max - self.isolated_min) / 2.0 / self.isolated_speedup if self.isolated_speedup else 0.0
 
+    @property
+    def inside_alone_range(self) -> bool:
+        """The reported speedup lies within the range the model read alone over the rounds: where that range is
+        wider than the tolerance, the ground truth cannot tell the two apart."""
+        return self.isolated_min <= self.reported_speedup <= self.isolated_max
+
+    def verdict(self, tolerance: float) -> str:
+        """``agrees`` (within the tolerance), ``within the truth's noise`` (off by more, but inside the alone
+        range), or ``disagrees`` (outside both: the search's figure is wrong by more than the truth moves)."""
+        if abs(self.rel_error) <= tolerance:
+            return AGREES
+        return NOISY if self.inside_alone_range else DISAGREES
+
+
+AGREES, NOISY, DISAGREES = "agrees", "within the truth's noise", "disagrees"
+
 
 def save_profiles(run_dir: Path, profiles: Sequence[DeviceProfile]) -> None:
     """Record the profiles a run measured with, by content (so verify works after the YAML files moved)."""
@@ -177,7 +193,7 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
 def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow], tolerance: float) -> None:
     if not rows:
         return
-    table = pd.DataFrame([{**asdict(r), "isolated_spread": r.spread} for r in rows])
+    table = pd.DataFrame([{**asdict(r), "isolated_spread": r.spread, "verdict": r.verdict(tolerance)} for r in rows])
     write_text_atomic(run_dir / "verify.csv", table.to_csv(index=False))
     plot_verify(rows, run_dir / "verify.png", tolerance)
     for r in rows:
@@ -185,10 +201,12 @@ def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow], tolerance:
         front.loc[sel, f"isolated_speedup:{r.profile}"] = r.isolated_speedup
         front.loc[sel, f"isolated_ms:{r.profile}"] = r.model_ms
         front.loc[sel, f"verify_error:{r.profile}"] = r.rel_error
+        front.loc[sel, f"verify_verdict:{r.profile}"] = r.verdict(tolerance)
         metrics = run_dir / "models" / f"trial-{r.trial}" / "metrics.json"
         if metrics.is_file():
             m = json.loads(metrics.read_text())
-            m.setdefault("verify", {})[r.profile] = {**asdict(r), "isolated_spread": r.spread}
+            m.setdefault("verify", {})[r.profile] = {**asdict(r), "isolated_spread": r.spread,
+                                                     "verdict": r.verdict(tolerance)}
             write_text_atomic(metrics, json.dumps(m, indent=2, sort_keys=True))
     write_text_atomic(run_dir / "pareto.csv", front.to_csv(index=False))
 
@@ -224,9 +242,24 @@ def plot_verify(rows: Sequence[VerifyRow], path: Path, tolerance: float) -> None
 
 def format_rows(rows: Sequence[VerifyRow], tolerance: float) -> str:
     lines = [f"{'profile':<14} {'trial':>5} {'reported':>9} {'alone':>9} {'alone range':>15} {'error':>8}"]
+    marks = {AGREES: "", NOISY: "  exceeds, inside the alone range", DISAGREES: "  EXCEEDS"}
     for r in rows:
-        mark = "  EXCEEDS" if abs(r.rel_error) > tolerance else ""
+        mark = marks[r.verdict(tolerance)]
         spread = f"{r.isolated_min:.2f}-{r.isolated_max:.2f}x"
         lines.append(f"{r.profile:<14} {r.trial:>5} {r.reported_speedup:>8.2f}x {r.isolated_speedup:>8.2f}x "
                      f"{spread:>15} {100 * r.rel_error:>+7.1f}%{mark}")
     return "\n".join(lines)
+
+
+def summary_line(rows: Sequence[VerifyRow], tolerance: float) -> str:
+    """One line: how many reported speedups agree, how many only within the ground truth's own noise (with what
+    to do about it), and how many disagree."""
+    counts = {v: sum(r.verdict(tolerance) == v for r in rows) for v in (AGREES, NOISY, DISAGREES)}
+    line = f"{counts[AGREES]} of {len(rows)} reported speedups within {100 * tolerance:g}% of the models timed alone"
+    if counts[NOISY]:
+        line += (f"; {counts[NOISY]} off by more but inside the range the model read alone over the rounds (the "
+                 f"truth itself moves more than {100 * tolerance:g}% here: more --rounds, fewer threads than cores, "
+                 f"or a quieter machine decide them)")
+    if counts[DISAGREES]:
+        line += f"; {counts[DISAGREES]} outside both (the search's figure is off)"
+    return line

@@ -4,7 +4,8 @@ For each model, one latency-only search (``--data none``) on the given profiles,
 (the ``hwprune search`` command), ending with its built-in verification (``--verify-rounds``): the dense model and
 every front model timed alone in fresh processes over rotating rounds. Reported per model and profile: the worst
 and median relative error of reported vs isolated speedup, the isolated timing's own spread (half the relative
-range over rounds), and the measurement seconds per trial. ``--inprocess`` adds, for every profile, a copy with
+range over rounds), how many errors exceed 5% yet lie inside the model's own alone range (the truth's noise) and how
+many lie outside both, and the measurement seconds per trial. ``--inprocess`` adds, for every profile, a copy with
 ``isolation: none`` (both models in the measuring process: the method before issue 7) for a same-run comparison.
 
     python scripts/bench_latency_truth.py --models demo,torchvision:resnet18,torchvision:mobilenet_v2 \
@@ -13,7 +14,6 @@ range over rounds), and the measurement seconds per trial. ``--inprocess`` adds,
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from hwprune.verify import DISAGREES, NOISY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def summarize(model: str, run: Path) -> list:
     trials = pd.read_csv(run / "trials.csv")
     rows = []
     for prof, g in v.groupby("profile", sort=False):
-        sec = trials.get(f"seconds:measure")
+        sec = trials.get("seconds:measure")
         rows.append({
             "model": model,
             "profile": prof,
@@ -78,6 +80,9 @@ def summarize(model: str, run: Path) -> list:
             "median |error|": f"{100 * g.rel_error.abs().median():.1f}%",
             "alone spread (max)": f"{100 * g.isolated_spread.max():.1f}%",
             "within 5%": f"{int((g.rel_error.abs() <= 0.05).sum())}/{len(g)}",
+            # off by more than 5% but inside the model's own alone range over the rounds (the truth's noise)
+            "else inside alone range": int((g.verdict == NOISY).sum()),
+            "outside both": int((g.verdict == DISAGREES).sum()),
             "measure s/trial": f"{sec.mean():.1f}" if sec is not None else "",
         })
     return rows

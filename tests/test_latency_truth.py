@@ -277,8 +277,34 @@ def test_verify_exit_code_follows_the_tolerance(latency_run, capsys, monkeypatch
     front.to_csv(d / "pareto.csv", index=False)
     assert main(["verify", "--run", str(d), "--rounds", "1", "--tolerance", "0.5"]) == 2
     assert "EXCEEDS" in capsys.readouterr().out
-    assert pd.read_csv(d / "verify.csv").rel_error.min() == pytest.approx(4.0)
+    v = pd.read_csv(d / "verify.csv")
+    assert v.rel_error.min() == pytest.approx(4.0) and (v.verdict == "disagrees").all()
     assert main(["verify", "--run", str(d), "--profile", "nope"]) == 2
+
+
+def test_verify_tells_an_error_inside_the_truths_own_noise_from_a_wrong_figure(latency_run, capsys, monkeypatch):
+    """A reported speedup 20% off the median alone reading but inside the range the model read alone over the
+    rounds is 'within the truth's noise' (still exit 2: the tolerance is not met); one outside that range
+    'disagrees'."""
+    from hwprune import verify
+
+    d = latency_run["dir"]
+    front = pd.read_csv(d / "pareto.csv")
+    ratio = {f"trial-{int(t)}": float(r) for t, r in zip(front.trial, front["latency_ratio:fast-cpu"])}
+    scale = {"wide": [0.75, 1.2, 1.3], "narrow": [1.19, 1.2, 1.21]}  # per-round model time / reported ratio
+
+    for case, verdict in (("wide", "within the truth's noise"), ("narrow", "disagrees")):
+        def noisy(profile, files, rounds, log=print):
+            return {n: [1.0] * rounds if n == "dense" else [ratio[n] * k for k in scale[case]] for n in files}
+
+        monkeypatch.setattr(verify, "time_files_alone", noisy)
+        assert main(["verify", "--run", str(d), "--rounds", "3", "--tolerance", "0.05"]) == 2
+        out = capsys.readouterr().out
+        v = pd.read_csv(d / "verify.csv")
+        assert (v.verdict == verdict).all(), case
+        assert v.rel_error.max() == pytest.approx(0.2)  # median model time 1.2x the reported one
+        assert ("inside the range the model read alone" in out) == (case == "wide")
+        assert ("outside both" in out) == (case == "narrow")
 
 
 def test_resume_on_another_device_is_refused(latency_run, capsys):
