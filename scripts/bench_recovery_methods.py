@@ -30,16 +30,22 @@ from hwprune.recover import evaluate, recover
 from hwprune.structures import get_structure
 from hwprune.structures.masks import masked_modules
 
-VARIANTS = {  # label -> (method, its hyperparameters)
+VARIANTS = {  # label -> (method, its hyperparameters[, distil from the dense model])
     "finetune": ("finetune", {}),
     "iterative": ("iterative", {}),
     "iterative ramp 0.3": ("iterative", {"ramp_fraction": 0.3}),
+    "iterative ramp 0.2 every 2": ("iterative", {"ramp_fraction": 0.2, "interval": 2}),
     "dpu one_stage": ("dpu", {"mode": "one_stage"}),
     "dpu multi_step": ("dpu", {"mode": "multi_step"}),
     "dpu fixed": ("dpu", {"mode": "fixed"}),
     "admm": ("admm", {}),
     "cdp_dtc intended": ("cdp_dtc", {"mode": "intended"}),
     "cdp_dtc code_faithful": ("cdp_dtc", {"mode": "code_faithful"}),
+    # the same methods with the budget's distillation from the dense model (KL at T=4, alpha 0.7): an option of
+    # every method, compared here with plain finetune at the same steps (the teacher's forward passes are extra)
+    "finetune + distill": ("finetune", {}, True),
+    "iterative ramp 0.3 + distill": ("iterative", {"ramp_fraction": 0.3}, True),
+    "dpu fixed + distill": ("dpu", {"mode": "fixed"}, True),
 }
 
 
@@ -111,14 +117,18 @@ def main() -> None:
             m = recover(copy.deepcopy(dense), data, budget, method="finetune", seed=seed)
             record({"label": "dense + same budget (finetune)", "seed": seed, "accuracy": evaluate(m, data),
                     "seconds": time.perf_counter() - t})
-        for label, (method, params) in VARIANTS.items():
+        for label, (method, params, *distill) in VARIANTS.items():
             if (label, seed) in done or (args.only and label not in args.only):
                 continue
-            b = dataclasses.replace(budget, method=(method,), method_params={method: params} if params else {})
+            distill = bool(distill and distill[0])
+            b = dataclasses.replace(budget, method=(method,), method_params={method: params} if params else {},
+                                    distill=distill)
             notes = []
             t = time.perf_counter()
-            m = recover(copy.deepcopy(pruned), data, b, method=method, log=notes.append, seed=seed)
-            record({"label": label, "seed": seed, "method": method, "params": params, "accuracy": evaluate(m, data),
+            m = recover(copy.deepcopy(pruned), data, b, teacher=dense if distill else None, method=method,
+                        log=notes.append, seed=seed)
+            record({"label": label, "seed": seed, "method": method, "params": params, "distill": distill,
+                    "accuracy": evaluate(m, data),
                     "zeros": delivered_zero_fraction(m, convs), "target_zeros": target,
                     "seconds": time.perf_counter() - t, "notes": notes})
     write_table(out, done, args, len(convs))
