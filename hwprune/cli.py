@@ -110,7 +110,7 @@ def cmd_search(args) -> int:
 
 def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
     """Re-time the front alone (ground truth) and print reported vs isolated speedups; True when all agree."""
-    from hwprune.verify import format_rows, summary_line, verify_run
+    from hwprune.verify import AGREES, format_rows, summary_line, verify_run
 
     _log(f"verifying the front: every model timed alone in a fresh process, {rounds} rounds "
          f"(skip with --verify-rounds 0)")
@@ -118,24 +118,22 @@ def _verify_front(out: Path, rounds: int, tolerance: float) -> bool:
     if not rows:
         return True
     print(format_rows(rows, tolerance))
-    bad = [r for r in rows if abs(r.rel_error) > tolerance]
     print(summary_line(rows, tolerance) + "; pareto.csv carries both figures (isolated_speedup:*)")
-    return not bad
+    return all(r.verdict(tolerance) == AGREES for r in rows)
 
 
 def cmd_verify(args) -> int:
     if not 0 < args.tolerance < 1:
         raise HwpruneError(f"--tolerance {args.tolerance} must be a fraction in (0, 1), e.g. 0.05 for 5%")
-    from hwprune.verify import format_rows, summary_line, verify_run
+    from hwprune.verify import AGREES, format_rows, summary_line, verify_run
 
     rows = verify_run(Path(args.run), profile_names=args.profile, rounds=args.rounds, tolerance=args.tolerance,
                       log=_log)
     if not rows:
         raise RunError(f"nothing to verify in {args.run}: no ONNX Runtime profile with front models")
     print(format_rows(rows, args.tolerance))
-    bad = [r for r in rows if abs(r.rel_error) > args.tolerance]
     print(f"{summary_line(rows, args.tolerance)}; wrote {Path(args.run) / 'verify.csv'}")
-    return EXIT_ERROR if bad else 0
+    return 0 if all(r.verdict(args.tolerance) == AGREES for r in rows) else EXIT_ERROR
 
 
 def _print_summary(tables, out: Path) -> None:

@@ -193,20 +193,19 @@ def verify_run(run_dir: Path, profile_names: Optional[Sequence[str]] = None, rou
 def _write(run_dir: Path, front: pd.DataFrame, rows: List[VerifyRow], tolerance: float) -> None:
     if not rows:
         return
-    table = pd.DataFrame([{**asdict(r), "isolated_spread": r.spread, "verdict": r.verdict(tolerance)} for r in rows])
-    write_text_atomic(run_dir / "verify.csv", table.to_csv(index=False))
+    records = [{**asdict(r), "isolated_spread": r.spread, "verdict": r.verdict(tolerance)} for r in rows]
+    write_text_atomic(run_dir / "verify.csv", pd.DataFrame(records).to_csv(index=False))
     plot_verify(rows, run_dir / "verify.png", tolerance)
-    for r in rows:
+    for r, record in zip(rows, records):
         sel = front.trial == r.trial
         front.loc[sel, f"isolated_speedup:{r.profile}"] = r.isolated_speedup
         front.loc[sel, f"isolated_ms:{r.profile}"] = r.model_ms
         front.loc[sel, f"verify_error:{r.profile}"] = r.rel_error
-        front.loc[sel, f"verify_verdict:{r.profile}"] = r.verdict(tolerance)
+        front.loc[sel, f"verify_verdict:{r.profile}"] = record["verdict"]
         metrics = run_dir / "models" / f"trial-{r.trial}" / "metrics.json"
         if metrics.is_file():
             m = json.loads(metrics.read_text())
-            m.setdefault("verify", {})[r.profile] = {**asdict(r), "isolated_spread": r.spread,
-                                                     "verdict": r.verdict(tolerance)}
+            m.setdefault("verify", {})[r.profile] = record
             write_text_atomic(metrics, json.dumps(m, indent=2, sort_keys=True))
     write_text_atomic(run_dir / "pareto.csv", front.to_csv(index=False))
 
