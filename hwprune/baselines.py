@@ -21,7 +21,8 @@ import pandas as pd
 
 from hwprune import graph, transformer_groups
 from hwprune.errors import ConfigError
-from hwprune.hypervolume import DEFAULT_MAX_DROP, Reference, best_speedup_within, hypervolume, hypervolume_history
+from hwprune.hypervolume import (DEFAULT_MAX_DROP, Reference, best_speedup_within, box_area, hypervolume,
+                                 hypervolume_history, lossless_equivalent_speedup)
 from hwprune.search import PARAM_PREFIX
 from hwprune.workload import Workload
 
@@ -249,7 +250,7 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
         "hypervolume": {"search": hv_front, "search_without_warm_start": hypervolume(_points(own, col, quality), ref)},
         "best_speedup_within_pp": {"search": {f"{p:g}": best_speedup_within(search_pts, ref, p / 100)
                                               for p in WITHIN_PP}},
-        "relative": {}, "verdict": [],
+        "relative": {}, "headroom": {}, "verdict": [],
     }
     for method in METHODS:
         sub = baselines[baselines.method == method] if not baselines.empty else baselines
@@ -270,6 +271,16 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
             line = (f"the search did NOT beat {method}: front hypervolume {rel:.3f}x {method}'s "
                     f"({hv_front:.4g} vs {hv:.4g})")
         summary["verdict"].append(line)
+        if hv > 0:
+            # Headroom: how much of the box the baseline already covers bounds what any search can add.
+            box = box_area(ref)
+            room = {"covers": hv / box, "lossless_equivalent_speedup": lossless_equivalent_speedup(hv, ref),
+                    "ceiling": box / hv}
+            summary["headroom"][method] = room
+            summary["verdict"].append(
+                f"  {method} covers {100 * room['covers']:.0f}% of the reference box (as much as one model "
+                f"{room['lossless_equivalent_speedup']:.1f}x faster than dense that loses nothing); a front no more "
+                f"accurate than dense can reach at most {room['ceiling']:.2f}x its hypervolume")
     return summary
 
 

@@ -49,6 +49,19 @@ def hypervolume(points: Iterable[Tuple[float, float]], ref: Reference) -> float:
     return float(compute_hypervolume(np.asarray(losses, dtype=float), np.array([1.0, -ref.accuracy_floor])))
 
 
+def box_area(ref: Reference) -> float:
+    """Area of the whole reference box: relative latency 0..1 times the quality span from the floor to dense. Only a
+    front with models of higher quality than dense can dominate more."""
+    return ref.max_drop
+
+
+def lossless_equivalent_speedup(area: float, ref: Reference) -> float:
+    """The speedup of ONE model that loses nothing against dense and dominates the same ``area`` on its own
+    ((1 - 1/s) * max_drop = area): a scale for hypervolumes a practitioner can read. inf from the whole box up."""
+    fraction = area / box_area(ref)
+    return float("inf") if fraction >= 1.0 else 1.0 / (1.0 - fraction)
+
+
 def hypervolume_history(points: Sequence[Tuple[int, float, float]], ref: Reference) -> List[Tuple[int, float]]:
     """(trial, hypervolume of every point up to and including that trial), in trial order."""
     out, seen = [], []

@@ -13,7 +13,8 @@ from conftest import make_tiny_net
 from hwprune import graph
 from hwprune.baselines import compare, sweep_ratios
 from hwprune.cli import main
-from hwprune.hypervolume import Reference, best_speedup_within, hypervolume, hypervolume_history
+from hwprune.hypervolume import (Reference, best_speedup_within, hypervolume, hypervolume_history,
+                                 lossless_equivalent_speedup)
 
 REF = Reference(dense_ms=10.0, dense_accuracy=0.90, max_drop=0.10)  # box: relative latency < 1, accuracy > 0.80
 
@@ -29,6 +30,14 @@ def test_hypervolume_of_a_hand_computed_front():
     hist = hypervolume_history([(3, 2.5, 0.84), (1, 5.0, 0.88), (2, 6.0, 0.85)], REF)
     assert [t for t, _ in hist] == [1, 2, 3]
     assert [h for _, h in hist] == pytest.approx([0.04, 0.04, 0.05])
+
+
+def test_lossless_equivalent_speedup_is_the_one_lossless_model_with_the_same_area():
+    # one model 4x faster than dense (x = 0.25) that loses nothing dominates 0.75 * 0.10 = 0.075 of the box
+    assert hypervolume([(2.5, 0.90)], REF) == pytest.approx(0.075)
+    assert lossless_equivalent_speedup(0.075, REF) == pytest.approx(4.0)
+    assert lossless_equivalent_speedup(0.0, REF) == pytest.approx(1.0)
+    assert lossless_equivalent_speedup(0.10, REF) == float("inf")  # the whole box: only an above-dense model
 
 
 def test_best_speedup_within_an_accuracy_drop():
@@ -59,6 +68,12 @@ def test_compare_says_plainly_when_the_search_did_not_beat_uniform():
     assert s["relative"]["uniform"] == pytest.approx(0.04 / 0.048)
     assert any("the search did NOT beat uniform" in v for v in s["verdict"])
     assert s["reference_point"]["accuracy"] == pytest.approx(0.80) and s["reference_point"]["latency_ms"] == 10.0
+    # headroom: uniform's 0.048 is 48% of the 1.0 x 0.10 box, as much as one lossless model 1/(1 - 0.48) faster
+    room = s["headroom"]["uniform"]
+    assert room["covers"] == pytest.approx(0.48)
+    assert room["lossless_equivalent_speedup"] == pytest.approx(1 / 0.52)
+    assert room["ceiling"] == pytest.approx(0.10 / 0.048)
+    assert any("uniform covers 48% of the reference box" in v and "at most 2.08x" in v for v in s["verdict"])
 
 
 def test_compare_credits_a_front_that_dominates_its_baselines_and_separates_warm_start_trials():
