@@ -334,11 +334,10 @@ def run_trial(
             return outcome, model
         t2 = time.perf_counter()
     if train and workload.data is not None:
-        # unlabelled data: distillation from the dense model is the only thing recovery can learn from
-        distil = workload.space.recovery.distill or not workload.data.labeled
-        teacher = workload.model if distil else None
+        # the dense model goes to every method: the budget decides whether it is distilled from (always on
+        # unlabelled data), and reconstruct refits layers against it either way
         notes: List[str] = []
-        model = recover(model, workload.data, workload.space.recovery, teacher=teacher, seed=seed,
+        model = recover(model, workload.data, workload.space.recovery, teacher=workload.model, seed=seed,
                         method=plan.recovery_method, log=notes.append)
         outcome.recovery = plan.recovery_method or workload.space.recovery.method[0]
         outcome.recovery_notes = notes

@@ -30,7 +30,7 @@ from hwprune.recover import evaluate, recover
 from hwprune.structures import get_structure
 from hwprune.structures.masks import masked_modules
 
-VARIANTS = {  # label -> (method, its hyperparameters[, distil from the dense model])
+VARIANTS = {  # label -> (method, its hyperparameters[, distil from the dense model[, steps instead of --steps]])
     "finetune": ("finetune", {}),
     "iterative": ("iterative", {}),
     "iterative ramp 0.3": ("iterative", {"ramp_fraction": 0.3}),
@@ -46,6 +46,10 @@ VARIANTS = {  # label -> (method, its hyperparameters[, distil from the dense mo
     "finetune + distill": ("finetune", {}, True),
     "iterative ramp 0.3 + distill": ("iterative", {"ramp_fraction": 0.3}, True),
     "dpu fixed + distill": ("dpu", {"mode": "fixed"}, True),
+    # not a seed method: the layer-wise least-squares refit under the mask (OBC/SparseGPT's problem), then finetune
+    "reconstruct": ("reconstruct", {}),
+    "reconstruct + distill": ("reconstruct", {}, True),
+    "reconstruct, refit only (0 steps)": ("reconstruct", {}, False, 0),
 }
 
 
@@ -117,15 +121,16 @@ def main() -> None:
             m = recover(copy.deepcopy(dense), data, budget, method="finetune", seed=seed)
             record({"label": "dense + same budget (finetune)", "seed": seed, "accuracy": evaluate(m, data),
                     "seconds": time.perf_counter() - t})
-        for label, (method, params, *distill) in VARIANTS.items():
+        for label, (method, params, *extra) in VARIANTS.items():
             if (label, seed) in done or (args.only and label not in args.only):
                 continue
-            distill = bool(distill and distill[0])
+            distill = bool(extra and extra[0])
+            steps = extra[1] if len(extra) > 1 else budget.finetune_steps
             b = dataclasses.replace(budget, method=(method,), method_params={method: params} if params else {},
-                                    distill=distill)
+                                    distill=distill, finetune_steps=steps)
             notes = []
             t = time.perf_counter()
-            m = recover(copy.deepcopy(pruned), data, b, teacher=dense if distill else None, method=method,
+            m = recover(copy.deepcopy(pruned), data, b, teacher=dense, method=method,  # distils if b.distill
                         log=notes.append, seed=seed)
             record({"label": label, "seed": seed, "method": method, "params": params, "distill": distill,
                     "accuracy": evaluate(m, data),

@@ -90,6 +90,8 @@ class RecoveryMethod:
 
     def run(self, model: nn.Module, data: DataBundle, budget: RecoveryBudget, teacher: Optional[nn.Module] = None,
             seed: int = 0, log: Optional[Callable[[str], None]] = None) -> nn.Module:
+        """Spend the budget's steps on ``model`` (in place; returned). ``teacher`` is the dense model when the caller
+        has it: distilled from only where the budget distils (``train_budget`` decides), usable as a reference."""
         raise NotImplementedError
 
 

@@ -9,18 +9,23 @@ refitted layers before it, so errors do not accumulate. The refit needs only for
 of the budget are then spent as ``finetune`` spends them.
 
 Refitted: every plain ``nn.Linear`` whose input width is smaller than the dense model's same-named layer and whose
-output width is unchanged (a masked layer keeps its mask contract and is left to fine-tuning).
+output width is unchanged; and every masked ``nn.Linear`` / ``nn.Conv2d`` (mask-only structures: kernel-wise,
+unstructured, N:M, block, strided) whose output width is unchanged. A masked layer is refitted under its mask: each
+output row's kept weights (and its bias) are the ridge least-squares fit over those weights only (the layer-wise
+problem of Frantar & Alistarh's OBC/SparseGPT with the mask held fixed), so the zeros stay zeros. Grouped convs and
+weight-tied (unified) layers are left to fine-tuning.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hwprune.recover import train_budget
+from hwprune.recover import recalibrate_bn, train_budget
 from hwprune.recovery.base import RecoveryMethod
-from hwprune.structures.masks import KEEP
+from hwprune.structures.masks import KEEP, TIE
 
 
 def refittable_layers(model: nn.Module, teacher: nn.Module) -> List[str]:
@@ -33,6 +38,144 @@ def refittable_layers(model: nn.Module, teacher: nn.Module) -> List[str]:
                 and m.in_features < d.in_features and m.out_features == d.out_features):
             out.append(name)
     return out
+
+
+def refittable_masked_layers(model: nn.Module, teacher: nn.Module) -> List[str]:
+    """Names of the masked Linear/Conv2d layers a refit under the mask can serve, in forward order: same output
+    width as the dense layer; plain convs only (groups 1, numeric padding, zero padding); no tied weights."""
+    dense = dict(teacher.named_modules())
+    out = []
+    for name, m in model.named_modules():
+        d = dense.get(name)
+        if KEEP not in getattr(m, "_buffers", {}) or TIE in m._buffers or type(d) is not type(m):
+            continue
+        if isinstance(m, nn.Linear) and m.out_features == d.out_features:
+            out.append(name)
+        elif (isinstance(m, nn.Conv2d) and m.out_channels == d.out_channels and m.groups == 1
+              and not isinstance(m.padding, str) and m.padding_mode == "zeros"):
+            out.append(name)
+    return out
+
+
+def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of the features one output value sees (im2col for a conv)."""
+    if isinstance(layer, nn.Conv2d):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _outputs(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The layer's output as rows matching ``_columns``: one row per position, one column per output channel."""
+    if isinstance(layer, nn.Conv2d):
+        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
+@torch.no_grad()
+def refit_masked(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target_sq: torch.Tensor,
+                 ridge: float) -> float:
+    """Refit ``layer`` under its mask from the accumulated statistics of its augmented input ``[x, 1]``:
+    ``gram`` = sum x^T x, ``cross`` = sum x^T y, ``target_sq`` = sum y^2 per output. Each output row solves its own
+    ridge problem over its kept weights (plus the bias, not shrunk); returns the relative residual over all
+    outputs."""
+    keep = layer._buffers[KEEP].reshape(layer.weight.shape[0], -1)
+    w = layer.weight.reshape(keep.shape)
+    has_bias = layer.bias is not None
+    reg = ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+    new_w = torch.zeros_like(w, dtype=torch.float64)
+    new_b = torch.zeros(w.shape[0], dtype=torch.float64)
+    residual_sq = 0.0
+    for row in range(w.shape[0]):
+        idx = keep[row].nonzero().flatten()
+        if has_bias:
+            idx = torch.cat([idx, torch.tensor([gram.shape[0] - 1])])
+        if idx.numel() == 0:
+            residual_sq += float(target_sq[row])
+            continue
+        h = gram[idx][:, idx].clone()
+        shrink = torch.full((idx.numel(),), float(reg), dtype=torch.float64)
+        if has_bias:
+            shrink[-1] = 0.0
+        h += torch.diag(shrink)
+        c = cross[idx, row]
+        sol = torch.linalg.lstsq(h, c.unsqueeze(1)).solution.squeeze(1) if ridge == 0.0 else torch.linalg.solve(h, c)
+        # ||x_S w - y||^2 = w^T G_SS w - 2 w^T c + y^T y (G without the ridge term)
+        residual_sq += float(sol @ gram[idx][:, idx] @ sol - 2 * sol @ c + target_sq[row])
+        if has_bias:
+            new_b[row] = sol[-1]
+            sol = sol[:-1]
+        new_w[row, keep[row]] = sol
+    layer.weight.copy_(new_w.reshape(layer.weight.shape).to(layer.weight.dtype))
+    if has_bias:
+        layer.bias.copy_(new_b.to(layer.bias.dtype))
+    return (max(residual_sq, 0.0) / max(float(target_sq.sum()), 1e-12)) ** 0.5
+
+
+@torch.no_grad()
+def _dense_bn_statistics(model: nn.Module, teacher: nn.Module) -> None:
+    """Give every BatchNorm of ``model`` whose shape matches the dense one the dense running statistics: the refit
+    makes each layer's output reproduce the dense layer's, so the dense normalisation is the one its successors
+    must see while they are refitted (statistics recalibrated on the damaged model would mis-scale them)."""
+    dense = dict(teacher.named_modules())
+    for name, m in model.named_modules():
+        d = dense.get(name)
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(d, nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None and d.running_mean is not None
+                and m.running_mean.shape == d.running_mean.shape):
+            m.running_mean.copy_(d.running_mean)
+            m.running_var.copy_(d.running_var)
+
+
+class _Reached(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def _forward_until(model: nn.Module, x, layer: nn.Module, store: Dict[str, torch.Tensor], key: str, what: str) -> None:
+    """Run ``model`` on ``x`` only as far as ``layer`` and keep its input or output (half the cost of a full pass
+    on average: the refit visits every layer)."""
+    from hwprune.fidelity import forward
+
+    def hook(_m, args, output):
+        store[key] = (args[0] if what == "input" else output).detach()
+        raise _Reached
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            forward(model, x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if key not in store:
+        raise RuntimeError("reconstruct: the layer to refit was not called in the forward pass")
+
+
+def _refit_masked_layer(name: str, model: nn.Module, teacher: nn.Module, batches: list, ridge: float) -> float:
+    """Accumulate the layer's input statistics on the pruned model (refitted layers before it included) against the
+    dense layer's output on the same inputs, one batch at a time, then refit it under its mask."""
+    layer, dense = dict(model.named_modules())[name], dict(teacher.named_modules())[name]
+    gram = cross = target_sq = None
+    for x in batches:
+        got: Dict[str, torch.Tensor] = {}
+        _forward_until(model, x, layer, got, "x", "input")
+        _forward_until(teacher, x, dense, got, "y", "output")
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        if isinstance(layer, nn.Linear):
+            cols, y = _rows(got["x"], mask).float(), _rows(got["y"], mask).float()
+        else:
+            cols, y = _columns(layer, got["x"]).float(), _outputs(layer, got["y"]).float()
+        cols = torch.cat([cols, torch.ones(cols.shape[0], 1)], dim=1)
+        # products of one batch in float32 (a conv's im2col has batch x positions rows), summed in float64
+        g, c, t = (cols.T @ cols).double(), (cols.T @ y).double(), (y.double() ** 2).sum(0)
+        if gram is None:
+            gram, cross, target_sq = g, c, t
+        else:
+            gram += g
+            cross += c
+            target_sq += t
+    return refit_masked(layer, gram, cross, target_sq, ridge)
 
 
 def _rows(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -76,11 +219,16 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
     from hwprune.fidelity import forward
 
     names = refittable_layers(model, teacher)
-    if not names:
+    masked = set(refittable_masked_layers(model, teacher))
+    if not names and not masked:
         return {}
+    order = [n for n, _ in model.named_modules() if n in masked or n in names]
     modules, dense = dict(model.named_modules()), dict(teacher.named_modules())
+    was_training = model.training
     model.eval()
     teacher.eval()
+    if masked:
+        _dense_bn_statistics(model, teacher)
     masks = [x.get("attention_mask") if isinstance(x, dict) else None for x in batches]
     # the dense targets of every layer, from one teacher pass per batch
     targets: Dict[str, list] = {n: [] for n in names}
@@ -96,7 +244,10 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
         for n in names:
             targets[n].append(_rows(store[n], mask))
     residuals = {}
-    for name in names:  # in forward order: each layer sees the refitted layers before it
+    for name in order:  # in forward order: each layer sees the refitted layers before it
+        if name in masked:
+            residuals[name] = _refit_masked_layer(name, model, teacher, batches, ridge)
+            continue
         xs = []
         for x, mask in zip(batches, masks):
             store = {}
@@ -108,16 +259,19 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
                 hook.remove()
             xs.append(_rows(store["x"], mask))
         residuals[name] = refit_linear(modules[name], torch.cat(xs), torch.cat(targets.pop(name)), ridge)
+    model.train(was_training)
     if log:
         worst = max(residuals.values())
-        log(f"reconstruct: {len(residuals)} layers refitted by least squares (worst relative residual {worst:.3f})")
+        log(f"reconstruct: {len(residuals)} layers refitted by least squares ({len(masked)} under their masks; "
+            f"worst relative residual {worst:.3f})")
     return residuals
 
 
 class Reconstruct(RecoveryMethod):
     name = "reconstruct"
-    description = ("least-squares refit of the layers consuming pruned heads/channels against the dense model "
-                   "(Kwon et al. 2022), then fine-tuning")
+    description = ("least-squares refit against the dense model of the layers consuming pruned heads/channels "
+                   "(Kwon et al. 2022) and of masked layers under their masks (OBC/SparseGPT's layer-wise problem), "
+                   "then fine-tuning")
     # calibration batches (of the budget's batch size) from the training split; ridge relative to the mean diagonal
     param_types = {"calibration_batches": (int, 1, 1000, 16), "ridge": (float, 0.0, 1.0, 1e-3)}
 
@@ -130,7 +284,9 @@ class Reconstruct(RecoveryMethod):
                 batches.append(x)
                 if len(batches) >= p["calibration_batches"]:
                     break
-            reconstruct(model, teacher, batches, p["ridge"], log)
+            if reconstruct(model, teacher, batches, p["ridge"], log):
+                # the refitted outputs follow the dense distribution now: re-estimate what BN normalises by
+                recalibrate_bn(model, data, budget.bn_recalibration_batches, budget.batch_size, seed)
         elif log:
-            log("reconstruct: no dense teacher was given (recovery.distill is off), so no refit; fine-tuning only")
+            log("reconstruct: no dense model was given, so no refit; fine-tuning only")
         return train_budget(model, data, budget, budget.finetune_steps, teacher, seed)
