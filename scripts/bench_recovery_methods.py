@@ -50,6 +50,10 @@ VARIANTS = {  # label -> (method, its hyperparameters[, distil from the dense mo
     "reconstruct": ("reconstruct", {}),
     "reconstruct + distill": ("reconstruct", {}, True),
     "reconstruct, refit only (0 steps)": ("reconstruct", {}, False, 0),
+    # plain fine-tuning given the refit's wall time on the demo (refit ~2x a 60-step finetune): equal cost, not steps
+    "finetune, 180 steps": ("finetune", {}, False, 180),
+    "reconstruct, 4 calibration batches": ("reconstruct", {"calibration_batches": 4}),
+    "finetune, 100 steps": ("finetune", {}, False, 100),
 }
 
 
