@@ -16,7 +16,8 @@ from hwprune.config import RecoveryBudget
 from hwprune.plan import PruningPlan, apply_plan
 from hwprune.recover import evaluate, recover, train
 from hwprune.recovery import get_method
-from hwprune.recovery.reconstruct import reconstruct, refittable_layers, refittable_masked_layers
+from hwprune.recovery.reconstruct import (_dense_bn_statistics, narrowed_convs, reconstruct, refittable_layers,
+                                         refittable_masked_layers, slice_indices)
 from hwprune.structures.masks import attach
 
 
@@ -177,3 +178,67 @@ def test_a_search_recovering_with_reconstruct_keeps_the_masks(tmp_path):
             assert zeros.any() and bool((sd[f"{layer}.weight"][zeros] == 0).all()), layer
         checked += 1
     assert checked >= 2
+
+
+def test_slice_indices_finds_the_rows_and_channels_a_pruned_conv_kept():
+    torch.manual_seed(0)
+    dense = torch.randn(8, 6, 3, 3)
+    rows, channels = torch.tensor([5, 1, 7]), torch.tensor([0, 4, 5])
+    found = slice_indices(dense[rows][:, channels].clone(), dense)
+    assert found is not None and torch.equal(found[0], rows) and torch.equal(found[1], channels)
+    assert torch.equal(slice_indices(dense[rows].clone(), dense)[0], rows)  # inputs kept whole
+    trained = dense[rows][:, channels] + 1e-3
+    assert slice_indices(trained, dense) is None  # not a slice any more: the refit leaves it to fine-tuning
+
+
+def _channel_pruned(net, ratio):
+    from hwprune import graph
+
+    x = torch.randn(1, 1, 8, 8)
+    groups = graph.list_groups(net, x, ignored=("fc",))
+    return graph.prune_groups(net, x, {g.name: ratio for g in groups}, ignored=("fc",))[0]
+
+
+def test_bn_statistics_follow_the_channels_each_conv_kept():
+    """torch-pruning slices each BatchNorm's affine parameters with the channels its conv kept: the statistics the
+    refit hands over must come from the same dense channels (the affine parameters are the independent check)."""
+    dense = make_tiny_net()
+    pruned = _channel_pruned(dense, 0.5)
+    kept = narrowed_convs(pruned, dense)
+    assert len(kept) >= 6
+    _dense_bn_statistics(pruned, dense, kept, torch.randn(4, 1, 8, 8))
+    mods, dmods = dict(pruned.named_modules()), dict(dense.named_modules())
+    checked = 0
+    for name, m in mods.items():
+        if isinstance(m, nn.BatchNorm2d) and m.num_features < dmods[name].num_features:
+            d = dmods[name]
+            rows = [int((d.weight == w).nonzero()[0]) for w in m.weight]  # where its affine weights came from
+            assert torch.equal(m.running_mean, d.running_mean[rows]), name
+            assert torch.equal(m.running_var, d.running_var[rows]), name
+            checked += 1
+    assert checked >= 6
+
+
+def test_refit_after_channel_pruning_recovers_a_cnn_on_real_digits_without_training(digits):
+    net = make_tiny_net()
+    train(net, digits, steps=150, lr=0.05, batch_size=64, seed=0)
+    pruned = _channel_pruned(net, 0.75)
+    budget = RecoveryBudget(finetune_steps=0, batch_size=64, bn_recalibration_batches=5, method=("reconstruct",))
+    bn_only = recover(copy.deepcopy(pruned), digits, dataclasses.replace(budget, method=("finetune",)))
+    notes = []
+    refit = recover(copy.deepcopy(pruned), digits, budget, teacher=net, log=notes.append)
+    dense_acc, before, after = evaluate(net, digits), evaluate(bn_only, digits), evaluate(refit, digits)
+    assert after > before + 0.1, (dense_acc, before, after)
+    assert any("convs narrowed by channel pruning" in n for n in notes), notes
+
+
+def test_prune_command_refits_channel_pruned_convs(tmp_path, space_file, profile_file):
+    from hwprune.cli import main
+
+    torch.save(make_tiny_net(), tmp_path / "tiny.pt")
+    assert main(["prune", "--model", str(tmp_path / "tiny.pt"), "--trust-pickle", "--data", "digits",
+                 "--search-space", str(space_file), "--profile", str(profile_file), "--ratio", "0.5",
+                 "--recovery-method", "reconstruct", "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["recovery_method"] == "reconstruct"
+    assert any("convs narrowed by channel pruning" in n for n in metrics["recovery_notes"]), metrics["recovery_notes"]

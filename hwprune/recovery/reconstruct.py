@@ -12,12 +12,16 @@ Refitted: every plain ``nn.Linear`` whose input width is smaller than the dense 
 output width is unchanged; and every masked ``nn.Linear`` / ``nn.Conv2d`` (mask-only structures: kernel-wise,
 unstructured, N:M, block, strided) whose output width is unchanged. A masked layer is refitted under its mask: each
 output row's kept weights (and its bias) are the ridge least-squares fit over those weights only (the layer-wise
-problem of Frantar & Alistarh's OBC/SparseGPT with the mask held fixed), so the zeros stay zeros. Grouped convs and
+problem of Frantar & Alistarh's OBC/SparseGPT with the mask held fixed), so the zeros stay zeros. And every plain
+``nn.Conv2d`` that channel pruning narrowed (inputs, outputs or both; He et al. 2017 / ThiNet's reconstruction): its
+kept channels are found by exact matching against the dense weights (pruning copies slices, nothing is trained
+before the refit), and its output is fitted to the dense output of the channels it kept. Grouped convs and
 weight-tied (unified) layers are left to fine-tuning.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +55,58 @@ def refittable_masked_layers(model: nn.Module, teacher: nn.Module) -> List[str]:
             continue
         if isinstance(m, nn.Linear) and m.out_features == d.out_features:
             out.append(name)
-        elif (isinstance(m, nn.Conv2d) and m.out_channels == d.out_channels and m.groups == 1
-              and not isinstance(m.padding, str) and m.padding_mode == "zeros"):
+        elif _plain_conv(m) and m.out_channels == d.out_channels:
             out.append(name)
+    return out
+
+
+def _plain_conv(m: nn.Module) -> bool:
+    """A conv the im2col refit can express: groups 1, numeric zero padding."""
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and not isinstance(m.padding, str)
+            and m.padding_mode == "zeros")
+
+
+def slice_indices(weight: torch.Tensor, dense: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(kept output rows, kept input channels) with ``weight == dense[rows][:, channels]`` exactly, or None when the
+    weight is not such a slice (trained since pruning, or not pruned from this dense layer). Candidates are narrowed
+    by one value before whole rows are compared, so memory stays linear in the layer's size."""
+    if weight.dim() != dense.dim() or weight.shape[2:] != dense.shape[2:] or weight.numel() == 0:
+        return None
+    kernels = dense.flatten(2)  # [out, in, k*k]
+    if weight.shape[1] == dense.shape[1]:
+        channels = torch.arange(dense.shape[1])
+    else:  # the first kept row is some dense row restricted to the kept channels: find both
+        channels = None
+        first = weight[0].flatten(1)  # [kept in, k*k]
+        for r in (kernels == first[0, 0]).flatten(1).any(1).nonzero().flatten().tolist():
+            hits = (kernels[r].unsqueeze(0) == first.unsqueeze(1)).all(-1)  # [kept in, dense in]
+            if bool(hits.any(1).all()):
+                channels = hits.float().argmax(1)
+                break
+        if channels is None:
+            return None
+    sub, rows_of = dense[:, channels].flatten(1), weight.flatten(1)
+    rows = []
+    for row in rows_of:
+        match = next((int(c) for c in (sub[:, 0] == row[0]).nonzero().flatten() if torch.equal(sub[c], row)), None)
+        if match is None:
+            return None
+        rows.append(match)
+    return torch.tensor(rows), channels
+
+
+def narrowed_convs(model: nn.Module, teacher: nn.Module) -> Dict[str, torch.Tensor]:
+    """{name: kept output rows} of the unmasked plain convs that channel pruning narrowed, whose weights are still
+    exact slices of the dense ones (in forward order)."""
+    dense = dict(teacher.named_modules())
+    out = {}
+    for name, m in model.named_modules():
+        d = dense.get(name)
+        if (_plain_conv(m) and isinstance(d, nn.Conv2d) and KEEP not in m._buffers
+                and (m.in_channels, m.out_channels) != (d.in_channels, d.out_channels)):
+            found = slice_indices(m.weight.detach(), d.weight.detach())
+            if found is not None:
+                out[name] = found[0]
     return out
 
 
@@ -73,14 +126,14 @@ def _outputs(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_masked(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target_sq: torch.Tensor,
-                 ridge: float) -> float:
-    """Refit ``layer`` under its mask from the accumulated statistics of its augmented input ``[x, 1]``:
-    ``gram`` = sum x^T x, ``cross`` = sum x^T y, ``target_sq`` = sum y^2 per output. Each output row solves its own
-    ridge problem over its kept weights (plus the bias, not shrunk); returns the relative residual over all
-    outputs."""
-    keep = layer._buffers[KEEP].reshape(layer.weight.shape[0], -1)
-    w = layer.weight.reshape(keep.shape)
+def refit_rows(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target_sq: torch.Tensor,
+               ridge: float) -> float:
+    """Refit ``layer`` (under its mask, if it has one) from the accumulated statistics of its augmented input
+    ``[x, 1]``: ``gram`` = sum x^T x, ``cross`` = sum x^T y, ``target_sq`` = sum y^2 per output. Each output row
+    solves its own ridge problem over its kept weights (plus the bias, not shrunk); returns the relative residual
+    over all outputs."""
+    w = layer.weight.reshape(layer.weight.shape[0], -1)
+    keep = layer._buffers[KEEP].reshape(w.shape) if KEEP in layer._buffers else torch.ones_like(w, dtype=torch.bool)
     has_bias = layer.bias is not None
     reg = ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12)
     new_w = torch.zeros_like(w, dtype=torch.float64)
@@ -112,19 +165,54 @@ def refit_masked(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, targ
     return (max(residual_sq, 0.0) / max(float(target_sq.sum()), 1e-12)) ** 0.5
 
 
+def _bn_producers(model: nn.Module, x) -> Dict[str, str]:
+    """{BatchNorm name: name of the conv whose output it normalises}, traced on one forward pass."""
+    from hwprune.fidelity import forward
+
+    made: Dict[int, tuple] = {}  # id of a conv's output -> (the conv, a weak reference to that very tensor)
+    fed: Dict[str, Optional[str]] = {}
+
+    def producer(t):  # ids of freed tensors are reused: trust an id only if it is still the same tensor
+        conv, ref = made.get(id(t), (None, lambda: None))
+        return conv if ref() is t else None
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda _m, _a, out, n=name: made.__setitem__(id(out), (n, weakref.ref(out)))))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            hooks.append(m.register_forward_hook(lambda _m, a, _o, n=name: fed.__setitem__(n, producer(a[0]))))
+    try:
+        with torch.no_grad():
+            forward(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {bn: conv for bn, conv in fed.items() if conv is not None}
+
+
 @torch.no_grad()
-def _dense_bn_statistics(model: nn.Module, teacher: nn.Module) -> None:
-    """Give every BatchNorm of ``model`` whose shape matches the dense one the dense running statistics: the refit
-    makes each layer's output reproduce the dense layer's, so the dense normalisation is the one its successors
-    must see while they are refitted (statistics recalibrated on the damaged model would mis-scale them)."""
+def _dense_bn_statistics(model: nn.Module, teacher: nn.Module, kept_rows: Dict[str, torch.Tensor], x) -> None:
+    """Give every BatchNorm of ``model`` the dense running statistics of the channels it kept (all of them where the
+    shapes match; those its producing conv kept where channel pruning narrowed it): the refit makes each layer's
+    output reproduce the dense layer's, so the dense normalisation is the one its successors must see while they
+    are refitted (statistics recalibrated on the damaged model would mis-scale them)."""
     dense = dict(teacher.named_modules())
+    producers = _bn_producers(model, x) if kept_rows else {}
     for name, m in model.named_modules():
         d = dense.get(name)
-        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(d, nn.modules.batchnorm._BatchNorm)
-                and m.running_mean is not None and d.running_mean is not None
-                and m.running_mean.shape == d.running_mean.shape):
-            m.running_mean.copy_(d.running_mean)
-            m.running_var.copy_(d.running_var)
+        if not (isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(d, nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None and d.running_mean is not None):
+            continue
+        if m.running_mean.shape == d.running_mean.shape:
+            rows = slice(None)
+        elif producers.get(name) in kept_rows and len(kept_rows[producers[name]]) == m.running_mean.numel():
+            rows = kept_rows[producers[name]]
+        else:
+            continue
+        m.running_mean.copy_(d.running_mean[rows])
+        m.running_var.copy_(d.running_var[rows])
 
 
 class _Reached(Exception):
@@ -152,9 +240,11 @@ def _forward_until(model: nn.Module, x, layer: nn.Module, store: Dict[str, torch
         raise RuntimeError("reconstruct: the layer to refit was not called in the forward pass")
 
 
-def _refit_masked_layer(name: str, model: nn.Module, teacher: nn.Module, batches: list, ridge: float) -> float:
+def _refit_layer(name: str, model: nn.Module, teacher: nn.Module, batches: list, ridge: float,
+                 rows: Optional[torch.Tensor] = None) -> float:
     """Accumulate the layer's input statistics on the pruned model (refitted layers before it included) against the
-    dense layer's output on the same inputs, one batch at a time, then refit it under its mask."""
+    dense layer's output on the same inputs (its kept ``rows`` only, if narrowed), one batch at a time, then refit
+    it (under its mask, if it has one)."""
     layer, dense = dict(model.named_modules())[name], dict(teacher.named_modules())[name]
     gram = cross = target_sq = None
     for x in batches:
@@ -166,6 +256,8 @@ def _refit_masked_layer(name: str, model: nn.Module, teacher: nn.Module, batches
             cols, y = _rows(got["x"], mask).float(), _rows(got["y"], mask).float()
         else:
             cols, y = _columns(layer, got["x"]).float(), _outputs(layer, got["y"]).float()
+        if rows is not None:
+            y = y[:, rows]
         cols = torch.cat([cols, torch.ones(cols.shape[0], 1)], dim=1)
         # products of one batch in float32 (a conv's im2col has batch x positions rows), summed in float64
         g, c, t = (cols.T @ cols).double(), (cols.T @ y).double(), (y.double() ** 2).sum(0)
@@ -175,7 +267,7 @@ def _refit_masked_layer(name: str, model: nn.Module, teacher: nn.Module, batches
             gram += g
             cross += c
             target_sq += t
-    return refit_masked(layer, gram, cross, target_sq, ridge)
+    return refit_rows(layer, gram, cross, target_sq, ridge)
 
 
 def _rows(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -220,15 +312,16 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
 
     names = refittable_layers(model, teacher)
     masked = set(refittable_masked_layers(model, teacher))
-    if not names and not masked:
+    convs = narrowed_convs(model, teacher)
+    if not names and not masked and not convs:
         return {}
-    order = [n for n, _ in model.named_modules() if n in masked or n in names]
+    order = [n for n, _ in model.named_modules() if n in masked or n in names or n in convs]
     modules, dense = dict(model.named_modules()), dict(teacher.named_modules())
     was_training = model.training
     model.eval()
     teacher.eval()
-    if masked:
-        _dense_bn_statistics(model, teacher)
+    if masked or convs:
+        _dense_bn_statistics(model, teacher, convs, batches[0])
     masks = [x.get("attention_mask") if isinstance(x, dict) else None for x in batches]
     # the dense targets of every layer, from one teacher pass per batch
     targets: Dict[str, list] = {n: [] for n in names}
@@ -245,8 +338,8 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
             targets[n].append(_rows(store[n], mask))
     residuals = {}
     for name in order:  # in forward order: each layer sees the refitted layers before it
-        if name in masked:
-            residuals[name] = _refit_masked_layer(name, model, teacher, batches, ridge)
+        if name in masked or name in convs:
+            residuals[name] = _refit_layer(name, model, teacher, batches, ridge, convs.get(name))
             continue
         xs = []
         for x, mask in zip(batches, masks):
@@ -262,16 +355,16 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
     model.train(was_training)
     if log:
         worst = max(residuals.values())
-        log(f"reconstruct: {len(residuals)} layers refitted by least squares ({len(masked)} under their masks; "
-            f"worst relative residual {worst:.3f})")
+        log(f"reconstruct: {len(residuals)} layers refitted by least squares ({len(masked)} under their masks, "
+            f"{len(convs)} convs narrowed by channel pruning; worst relative residual {worst:.3f})")
     return residuals
 
 
 class Reconstruct(RecoveryMethod):
     name = "reconstruct"
     description = ("least-squares refit against the dense model of the layers consuming pruned heads/channels "
-                   "(Kwon et al. 2022) and of masked layers under their masks (OBC/SparseGPT's layer-wise problem), "
-                   "then fine-tuning")
+                   "(Kwon et al. 2022), of convs narrowed by channel pruning (ThiNet) and of masked layers under "
+                   "their masks (OBC/SparseGPT's layer-wise problem), then fine-tuning")
     # calibration batches (of the budget's batch size) from the training split; ridge relative to the mean diagonal
     param_types = {"calibration_batches": (int, 1, 1000, 16), "ridge": (float, 0.0, 1.0, 1e-3)}
 
