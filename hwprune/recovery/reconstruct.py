@@ -133,9 +133,23 @@ def refit_rows(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target
     solves its own ridge problem over its kept weights (plus the bias, not shrunk); returns the relative residual
     over all outputs."""
     w = layer.weight.reshape(layer.weight.shape[0], -1)
-    keep = layer._buffers[KEEP].reshape(w.shape) if KEEP in layer._buffers else torch.ones_like(w, dtype=torch.bool)
     has_bias = layer.bias is not None
     reg = ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12)
+    if KEEP not in layer._buffers:  # every row sees every column: one solve with all rows as right-hand sides
+        cols = torch.arange(gram.shape[0] if has_bias else gram.shape[0] - 1)
+        h = gram[cols][:, cols] + torch.diag(torch.full((len(cols),), float(reg), dtype=torch.float64))
+        if has_bias:
+            h[-1, -1] -= reg
+        c = cross[cols]
+        sol = torch.linalg.lstsq(h, c).solution if ridge == 0.0 else torch.linalg.solve(h, c)  # [cols, outputs]
+        g = gram[cols][:, cols]
+        residual_sq = float(((sol * (g @ sol)).sum(0) - 2 * (sol * c).sum(0) + target_sq).clamp_min(0).sum())
+        if has_bias:
+            layer.bias.copy_(sol[-1].to(layer.bias.dtype))
+            sol = sol[:-1]
+        layer.weight.copy_(sol.T.reshape(layer.weight.shape).to(layer.weight.dtype))
+        return (residual_sq / max(float(target_sq.sum()), 1e-12)) ** 0.5
+    keep = layer._buffers[KEEP].reshape(w.shape)
     new_w = torch.zeros_like(w, dtype=torch.float64)
     new_b = torch.zeros(w.shape[0], dtype=torch.float64)
     residual_sq = 0.0
@@ -240,17 +254,48 @@ def _forward_until(model: nn.Module, x, layer: nn.Module, store: Dict[str, torch
         raise RuntimeError("reconstruct: the layer to refit was not called in the forward pass")
 
 
+TARGET_CACHE_BYTES = 512 * 2 ** 20  # dense outputs kept from one teacher pass per batch up to this size
+
+
+def _dense_outputs(teacher: nn.Module, batches: list, names: List[str]) -> Optional[Dict[str, list]]:
+    """{layer: its dense output on every batch} from one teacher pass per batch, or None when they would take more
+    than ``TARGET_CACHE_BYTES`` (then each layer runs the teacher as far as itself: slower, bounded memory)."""
+    from hwprune.fidelity import forward
+
+    if not names or not batches:
+        return None
+    dense = dict(teacher.named_modules())
+    out: Dict[str, list] = {n: [] for n in names}
+    for i, x in enumerate(batches):
+        store: Dict[str, torch.Tensor] = {}
+        hooks = [_capture(dense[n], store, n, "output") for n in names]
+        try:
+            with torch.no_grad():
+                forward(teacher, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if i == 0 and sum(t.numel() * t.element_size() for t in store.values()) * len(batches) > TARGET_CACHE_BYTES:
+            return None
+        for n in names:
+            out[n].append(store[n])
+    return out
+
+
 def _refit_layer(name: str, model: nn.Module, teacher: nn.Module, batches: list, ridge: float,
-                 rows: Optional[torch.Tensor] = None) -> float:
+                 rows: Optional[torch.Tensor] = None, targets: Optional[list] = None) -> float:
     """Accumulate the layer's input statistics on the pruned model (refitted layers before it included) against the
-    dense layer's output on the same inputs (its kept ``rows`` only, if narrowed), one batch at a time, then refit
-    it (under its mask, if it has one)."""
+    dense layer's output on the same inputs (its kept ``rows`` only, if narrowed; from ``targets`` when given), one
+    batch at a time, then refit it (under its mask, if it has one)."""
     layer, dense = dict(model.named_modules())[name], dict(teacher.named_modules())[name]
     gram = cross = target_sq = None
-    for x in batches:
+    for i, x in enumerate(batches):
         got: Dict[str, torch.Tensor] = {}
         _forward_until(model, x, layer, got, "x", "input")
-        _forward_until(teacher, x, dense, got, "y", "output")
+        if targets is not None:
+            got["y"] = targets[i]
+        else:
+            _forward_until(teacher, x, dense, got, "y", "output")
         mask = x.get("attention_mask") if isinstance(x, dict) else None
         if isinstance(layer, nn.Linear):
             cols, y = _rows(got["x"], mask).float(), _rows(got["y"], mask).float()
@@ -336,10 +381,12 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
                 h.remove()
         for n in names:
             targets[n].append(_rows(store[n], mask))
+    cached = _dense_outputs(teacher, batches, [n for n in order if n in masked or n in convs])
     residuals = {}
     for name in order:  # in forward order: each layer sees the refitted layers before it
         if name in masked or name in convs:
-            residuals[name] = _refit_layer(name, model, teacher, batches, ridge, convs.get(name))
+            residuals[name] = _refit_layer(name, model, teacher, batches, ridge, convs.get(name),
+                                           cached.pop(name) if cached else None)
             continue
         xs = []
         for x, mask in zip(batches, masks):
