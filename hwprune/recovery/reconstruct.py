@@ -181,8 +181,6 @@ def refit_rows(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target
 
 def _bn_producers(model: nn.Module, x) -> Dict[str, str]:
     """{BatchNorm name: name of the conv whose output it normalises}, traced on one forward pass."""
-    from hwprune.fidelity import forward
-
     made: Dict[int, tuple] = {}  # id of a conv's output -> (the conv, a weak reference to that very tensor)
     fed: Dict[str, Optional[str]] = {}
 
@@ -197,12 +195,7 @@ def _bn_producers(model: nn.Module, x) -> Dict[str, str]:
                 lambda _m, _a, out, n=name: made.__setitem__(id(out), (n, weakref.ref(out)))))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             hooks.append(m.register_forward_hook(lambda _m, a, _o, n=name: fed.__setitem__(n, producer(a[0]))))
-    try:
-        with torch.no_grad():
-            forward(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with(model, x, hooks)
     return {bn: conv for bn, conv in fed.items() if conv is not None}
 
 
@@ -257,24 +250,34 @@ def _forward_until(model: nn.Module, x, layer: nn.Module, store: Dict[str, torch
 TARGET_CACHE_BYTES = 512 * 2 ** 20  # dense outputs kept from one teacher pass per batch up to this size
 
 
+def _outputs_of(model: nn.Module, x, names: List[str]) -> Dict[str, torch.Tensor]:
+    """{layer: its output} for the named layers of ``model``, from one forward pass on ``x``."""
+    modules = dict(model.named_modules())
+    store: Dict[str, torch.Tensor] = {}
+    _forward_with(model, x, [_capture(modules[n], store, n, "output") for n in names])
+    return store
+
+
+def _forward_with(model: nn.Module, x, hooks: list) -> None:
+    """One forward pass without gradients; the hooks are removed afterwards, whatever happens."""
+    from hwprune.fidelity import forward
+
+    try:
+        with torch.no_grad():
+            forward(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _dense_outputs(teacher: nn.Module, batches: list, names: List[str]) -> Optional[Dict[str, list]]:
     """{layer: its dense output on every batch} from one teacher pass per batch, or None when they would take more
     than ``TARGET_CACHE_BYTES`` (then each layer runs the teacher as far as itself: slower, bounded memory)."""
-    from hwprune.fidelity import forward
-
     if not names or not batches:
         return None
-    dense = dict(teacher.named_modules())
     out: Dict[str, list] = {n: [] for n in names}
     for i, x in enumerate(batches):
-        store: Dict[str, torch.Tensor] = {}
-        hooks = [_capture(dense[n], store, n, "output") for n in names]
-        try:
-            with torch.no_grad():
-                forward(teacher, x)
-        finally:
-            for h in hooks:
-                h.remove()
+        store = _outputs_of(teacher, x, names)
         if i == 0 and sum(t.numel() * t.element_size() for t in store.values()) * len(batches) > TARGET_CACHE_BYTES:
             return None
         for n in names:
@@ -353,15 +356,13 @@ def refit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: floa
 def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: float = 1e-3,
                 log=None) -> Dict[str, float]:
     """Refit every refittable layer of ``model`` in forward order against ``teacher``; {layer: relative residual}."""
-    from hwprune.fidelity import forward
-
     names = refittable_layers(model, teacher)
     masked = set(refittable_masked_layers(model, teacher))
     convs = narrowed_convs(model, teacher)
     if not names and not masked and not convs:
         return {}
     order = [n for n, _ in model.named_modules() if n in masked or n in names or n in convs]
-    modules, dense = dict(model.named_modules()), dict(teacher.named_modules())
+    modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
     teacher.eval()
@@ -371,14 +372,7 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
     # the dense targets of every layer, from one teacher pass per batch
     targets: Dict[str, list] = {n: [] for n in names}
     for x, mask in zip(batches, masks):
-        store: Dict[str, torch.Tensor] = {}
-        hooks = [_capture(dense[n], store, n, "output") for n in names]
-        try:
-            with torch.no_grad():
-                forward(teacher, x)
-        finally:
-            for h in hooks:
-                h.remove()
+        store = _outputs_of(teacher, x, names)
         for n in names:
             targets[n].append(_rows(store[n], mask))
     cached = _dense_outputs(teacher, batches, [n for n in order if n in masked or n in convs])
@@ -391,12 +385,7 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
         xs = []
         for x, mask in zip(batches, masks):
             store = {}
-            hook = _capture(modules[name], store, "x", "input")
-            try:
-                with torch.no_grad():
-                    forward(model, x)
-            finally:
-                hook.remove()
+            _forward_with(model, x, [_capture(modules[name], store, "x", "input")])
             xs.append(_rows(store["x"], mask))
         residuals[name] = refit_linear(modules[name], torch.cat(xs), torch.cat(targets.pop(name)), ridge)
     model.train(was_training)
