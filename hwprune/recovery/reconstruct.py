@@ -137,12 +137,12 @@ def refit_rows(layer: nn.Module, gram: torch.Tensor, cross: torch.Tensor, target
     reg = ridge * gram.diagonal()[:-1].mean().clamp_min(1e-12)
     if KEEP not in layer._buffers:  # every row sees every column: one solve with all rows as right-hand sides
         cols = torch.arange(gram.shape[0] if has_bias else gram.shape[0] - 1)
-        h = gram[cols][:, cols] + torch.diag(torch.full((len(cols),), float(reg), dtype=torch.float64))
+        g = gram[cols][:, cols]
+        h = g + torch.diag(torch.full((len(cols),), float(reg), dtype=torch.float64))
         if has_bias:
             h[-1, -1] -= reg
         c = cross[cols]
         sol = torch.linalg.lstsq(h, c).solution if ridge == 0.0 else torch.linalg.solve(h, c)  # [cols, outputs]
-        g = gram[cols][:, cols]
         residual_sq = float(((sol * (g @ sol)).sum(0) - 2 * (sol * c).sum(0) + target_sq).clamp_min(0).sum())
         if has_bias:
             layer.bias.copy_(sol[-1].to(layer.bias.dtype))
@@ -229,25 +229,19 @@ class _Reached(Exception):
 def _forward_until(model: nn.Module, x, layer: nn.Module, store: Dict[str, torch.Tensor], key: str, what: str) -> None:
     """Run ``model`` on ``x`` only as far as ``layer`` and keep its input or output (half the cost of a full pass
     on average: the refit visits every layer)."""
-    from hwprune.fidelity import forward
-
     def hook(_m, args, output):
         store[key] = (args[0] if what == "input" else output).detach()
         raise _Reached
 
-    handle = layer.register_forward_hook(hook)
     try:
-        with torch.no_grad():
-            forward(model, x)
+        _forward_with(model, x, [layer.register_forward_hook(hook)])
     except _Reached:
         pass
-    finally:
-        handle.remove()
     if key not in store:
         raise RuntimeError("reconstruct: the layer to refit was not called in the forward pass")
 
 
-TARGET_CACHE_BYTES = 512 * 2 ** 20  # dense outputs kept from one teacher pass per batch up to this size
+TARGET_CACHE_BYTES = 512 * 2 ** 20  # streamed layers' dense outputs kept from one teacher pass up to this size
 
 
 def _outputs_of(model: nn.Module, x, names: List[str]) -> Dict[str, torch.Tensor]:
@@ -268,21 +262,6 @@ def _forward_with(model: nn.Module, x, hooks: list) -> None:
     finally:
         for h in hooks:
             h.remove()
-
-
-def _dense_outputs(teacher: nn.Module, batches: list, names: List[str]) -> Optional[Dict[str, list]]:
-    """{layer: its dense output on every batch} from one teacher pass per batch, or None when they would take more
-    than ``TARGET_CACHE_BYTES`` (then each layer runs the teacher as far as itself: slower, bounded memory)."""
-    if not names or not batches:
-        return None
-    out: Dict[str, list] = {n: [] for n in names}
-    for i, x in enumerate(batches):
-        store = _outputs_of(teacher, x, names)
-        if i == 0 and sum(t.numel() * t.element_size() for t in store.values()) * len(batches) > TARGET_CACHE_BYTES:
-            return None
-        for n in names:
-            out[n].append(store[n])
-    return out
 
 
 def _refit_layer(name: str, model: nn.Module, teacher: nn.Module, batches: list, ridge: float,
@@ -369,18 +348,27 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: list, ridge: floa
     if masked or convs:
         _dense_bn_statistics(model, teacher, convs, batches[0])
     masks = [x.get("attention_mask") if isinstance(x, dict) else None for x in batches]
-    # the dense targets of every layer, from one teacher pass per batch
+    # the dense targets of every layer, from one teacher pass per batch; those of the streamed layers (masked,
+    # narrowed convs) only while they fit in TARGET_CACHE_BYTES, else each such layer runs the teacher as far as
+    # itself (slower, bounded memory)
+    streamed = [n for n in order if n in masked or n in convs]
     targets: Dict[str, list] = {n: [] for n in names}
-    for x, mask in zip(batches, masks):
-        store = _outputs_of(teacher, x, names)
+    cached: Optional[Dict[str, list]] = {n: [] for n in streamed}
+    for i, (x, mask) in enumerate(zip(batches, masks)):
+        store = _outputs_of(teacher, x, names + (streamed if cached is not None else []))
         for n in names:
             targets[n].append(_rows(store[n], mask))
-    cached = _dense_outputs(teacher, batches, [n for n in order if n in masked or n in convs])
+        if cached is not None and i == 0 and \
+                sum(store[n].numel() * store[n].element_size() for n in streamed) * len(batches) > TARGET_CACHE_BYTES:
+            cached = None
+        if cached is not None:
+            for n in streamed:
+                cached[n].append(store[n])
     residuals = {}
     for name in order:  # in forward order: each layer sees the refitted layers before it
         if name in masked or name in convs:
             residuals[name] = _refit_layer(name, model, teacher, batches, ridge, convs.get(name),
-                                           cached.pop(name) if cached else None)
+                                           cached.pop(name) if cached is not None else None)
             continue
         xs = []
         for x, mask in zip(batches, masks):
