@@ -21,8 +21,9 @@ import pandas as pd
 
 from hwprune import graph, transformer_groups
 from hwprune.errors import ConfigError
-from hwprune.hypervolume import (DEFAULT_MAX_DROP, Reference, best_speedup_within, box_area, hypervolume,
-                                 hypervolume_history, lossless_equivalent_speedup)
+from hwprune.hypervolume import (DEFAULT_MAX_DROP, Reference, best_speedup_within, box_area, ceiling_at_floor,
+                                 drop_allowed_at_floor, hypervolume, hypervolume_history,
+                                 lossless_equivalent_speedup)
 from hwprune.search import PARAM_PREFIX
 from hwprune.workload import Workload
 
@@ -34,6 +35,7 @@ GLOBAL_WARM_RATIO = 0.5
 FISHER_WARM_RATIOS = (0.3, 0.4, 0.5)  # fractions of the heads' and MLPs' MACs removed
 
 WITHIN_PP = (0.5, 1.0, 2.0)  # quality drops (pp of accuracy or fidelity) at which the best speedups are reported
+HEADROOM_TARGET = 1.10  # the lead over a baseline whose reachability each run reports (a 10% larger hypervolume)
 
 
 def sweep_ratios(grid: Sequence[float], low: float = SWEEP_RANGE[0], high: float = SWEEP_RANGE[1]) -> List[float]:
@@ -231,6 +233,17 @@ def _points(frame: pd.DataFrame, col: str, quality: str = "accuracy") -> List[Tu
     return list(zip(ok[col].astype(float), ok[quality].astype(float)))
 
 
+def _fastest(trials: pd.DataFrame, col: str, baselines: pd.DataFrame) -> Optional[float]:
+    """The lowest latency any completed plan of the run measured (search trials and baseline results), accurate or
+    not: where this model's latency stops falling on this profile."""
+    values = []
+    for frame in (trials, baselines):
+        if not frame.empty and col in frame.columns and "state" in frame.columns:
+            v = pd.to_numeric(frame.loc[frame.state == "complete", col], errors="coerce")
+            values.extend(float(x) for x in v if pd.notna(x) and x > 0)
+    return min(values) if values else None
+
+
 def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
             max_drop: float = DEFAULT_MAX_DROP, quality: str = "accuracy") -> Dict[str, object]:
     """The front's hypervolume against each baseline method's, on ``profile``; pure function of the tables.
@@ -244,6 +257,7 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
     tagged = set(baselines.trial.dropna().astype(int)) if "trial" in baselines.columns and not baselines.empty else set()
     search_pts = _points(trials, col, quality)
     own = trials[~trials.trial.isin(tagged)]
+    floor_ms = _fastest(trials, col, baselines)
     hv_front = hypervolume(search_pts, ref)
     summary: Dict[str, object] = {
         "profile": profile, "reference_point": ref.to_dict(), "reference": ref.describe(),
@@ -274,13 +288,25 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
         if hv > 0:
             # Headroom: how much of the box the baseline already covers bounds what any search can add.
             box = box_area(ref)
+            # ceiling: the baseline plus a lossless model with no latency at all (its own area above dense kept)
             room = {"covers": hv / box, "lossless_equivalent_speedup": lossless_equivalent_speedup(hv, ref),
-                    "ceiling": box / hv}
+                    "ceiling": ceiling_at_floor(pts, 0.0, ref)}
             summary["headroom"][method] = room
             summary["verdict"].append(
                 f"  {method} covers {100 * room['covers']:.0f}% of the reference box (as much as one model "
-                f"{room['lossless_equivalent_speedup']:.1f}x faster than dense that loses nothing); a front no more "
-                f"accurate than dense can reach at most {room['ceiling']:.2f}x its hypervolume")
+                f"{room['lossless_equivalent_speedup']:.1f}x faster than dense that loses nothing); a front whose other "
+                f"models are no more accurate than dense can reach at most {room['ceiling']:.2f}x its hypervolume")
+            if floor_ms is not None and floor_ms < ref.dense_ms:
+                # The same bound where latency stops falling: the fastest model the run measured.
+                allowed = drop_allowed_at_floor(pts, floor_ms, ref, HEADROOM_TARGET)
+                room.update(floor_ms=floor_ms, floor_speedup=ref.dense_ms / floor_ms,
+                            ceiling_at_floor=ceiling_at_floor(pts, floor_ms, ref),
+                            target=HEADROOM_TARGET, drop_allowed_at_floor=allowed)
+                reach = (f"{HEADROOM_TARGET:.2f}x needs a model that fast losing at most {100 * allowed:.2f} pp"
+                         if allowed is not None else f"{HEADROOM_TARGET:.2f}x is out of reach on this device")
+                summary["verdict"].append(
+                    f"  at the fastest latency any plan reached ({room['floor_speedup']:.2f}x faster than dense) a "
+                    f"lossless model would make {room['ceiling_at_floor']:.3f}x {method}'s hypervolume: {reach}")
     return summary
 
 

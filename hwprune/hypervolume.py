@@ -62,6 +62,39 @@ def lossless_equivalent_speedup(area: float, ref: Reference) -> float:
     return float("inf") if fraction >= 1.0 else 1.0 / (1.0 - fraction)
 
 
+def ceiling_at_floor(baseline: Iterable[Tuple[float, float]], floor_ms: float, ref: Reference) -> float:
+    """The hypervolume of ``baseline`` plus ONE model as fast as ``floor_ms`` that loses nothing, relative to the
+    baseline's own. ``floor_ms`` is the fastest latency any plan of the run reached: on a small model latency stops
+    falling with MACs (fixed per-operator cost), so this bounds what a front of measured-speed models can add, far
+    below the ceiling at ``floor_ms = 0`` (latency could reach zero). The baseline's own area above dense accuracy
+    stays counted; models more accurate than dense could add more. inf when the baseline has no area."""
+    pts = list(baseline)
+    hv = hypervolume(pts, ref)
+    if hv <= 0:
+        return float("inf")
+    return hypervolume(pts + [(floor_ms, ref.dense_accuracy)], ref) / hv
+
+
+def drop_allowed_at_floor(baseline: Iterable[Tuple[float, float]], floor_ms: float, ref: Reference,
+                          target: float) -> float | None:
+    """The largest accuracy drop (fraction) a model as fast as ``floor_ms`` may lose so that it, added to the
+    baseline, reaches ``target`` times the baseline's hypervolume: what a goal of ``target`` asks of the fastest
+    model the device allows. None when even a lossless model there falls short (the goal is out of reach)."""
+    pts = list(baseline)
+    hv = hypervolume(pts, ref)
+    if hv <= 0:
+        return ref.max_drop
+    def gain(drop: float) -> float:
+        return hypervolume(pts + [(floor_ms, ref.dense_accuracy - drop)], ref) / hv
+    if gain(0.0) < target:
+        return None
+    lo, hi = 0.0, ref.max_drop  # gain falls as the drop grows; bisect to 1e-5 (0.001 pp)
+    while hi - lo > 1e-5:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gain(mid) >= target else (lo, mid)
+    return lo
+
+
 def hypervolume_history(points: Sequence[Tuple[int, float, float]], ref: Reference) -> List[Tuple[int, float]]:
     """(trial, hypervolume of every point up to and including that trial), in trial order."""
     out, seen = [], []

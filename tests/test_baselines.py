@@ -13,8 +13,8 @@ from conftest import make_tiny_net
 from hwprune import graph
 from hwprune.baselines import compare, sweep_ratios
 from hwprune.cli import main
-from hwprune.hypervolume import (Reference, best_speedup_within, hypervolume, hypervolume_history,
-                                 lossless_equivalent_speedup)
+from hwprune.hypervolume import (Reference, best_speedup_within, ceiling_at_floor, drop_allowed_at_floor, hypervolume,
+                                 hypervolume_history, lossless_equivalent_speedup)
 
 REF = Reference(dense_ms=10.0, dense_accuracy=0.90, max_drop=0.10)  # box: relative latency < 1, accuracy > 0.80
 
@@ -74,6 +74,30 @@ def test_compare_says_plainly_when_the_search_did_not_beat_uniform():
     assert room["lossless_equivalent_speedup"] == pytest.approx(1 / 0.52)
     assert room["ceiling"] == pytest.approx(0.10 / 0.048)
     assert any("uniform covers 48% of the reference box" in v and "at most 2.08x" in v for v in s["verdict"])
+    # the fastest plan of the run (trial 2, 1 ms, below the accuracy floor) is where latency stops falling: a
+    # lossless model there covers 0.9 * 0.10 = 0.09, 1.875x uniform's; for 1.10x (0.0528) it may lose d where
+    # 0.9 * (0.10 - d) + 0.6 * (d - 0.02) = 0.0528, d = 0.084
+    assert room["floor_ms"] == 1.0 and room["floor_speedup"] == pytest.approx(10.0)
+    assert room["ceiling_at_floor"] == pytest.approx(0.09 / 0.048)
+    assert room["drop_allowed_at_floor"] == pytest.approx(0.084, abs=2e-5)
+    assert any("8.40 pp" in v for v in s["verdict"])
+
+
+def test_the_floor_ceiling_says_when_a_lead_is_out_of_reach():
+    # uniform's (4 ms, 0.895) is also the fastest plan: a lossless model at 4 ms makes 0.06 vs 0.057, 1.053x
+    base = [(4.0, 0.895)]
+    assert ceiling_at_floor(base, 4.0, REF) == pytest.approx(0.06 / 0.057)
+    assert drop_allowed_at_floor(base, 4.0, REF, 1.10) is None
+    # 1.05x (0.05985) is reachable only by a model at 4 ms that loses d with 0.6 * (0.10 - d) >= 0.05985
+    assert drop_allowed_at_floor(base, 4.0, REF, 1.05) == pytest.approx(0.00025, abs=2e-5)
+    # a baseline more accurate than dense keeps its area above dense in both ceilings: (4 ms, 0.92) covers
+    # 0.6 * 0.12 = 0.072; with a lossless model at no latency 1.0 * 0.10 + 0.6 * 0.02 = 0.112
+    assert ceiling_at_floor([(4.0, 0.92)], 0.0, REF) == pytest.approx(0.112 / 0.072)
+    assert ceiling_at_floor([(4.0, 0.92)], 4.0, REF) == pytest.approx(1.0)
+    trials = _trials([(0, "complete", "dense", 0.90, 10.0, True), (1, "complete", "candidate", 0.89, 6.0, True)])
+    s = compare(trials, _baselines([("uniform@0.5", None, 4.0, 0.895)]), "p", max_drop=0.10)
+    assert s["headroom"]["uniform"]["drop_allowed_at_floor"] is None
+    assert any("1.10x is out of reach on this device" in v for v in s["verdict"])
 
 
 def test_compare_credits_a_front_that_dominates_its_baselines_and_separates_warm_start_trials():
