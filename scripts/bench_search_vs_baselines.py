@@ -27,36 +27,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_models:v
 
 from hwprune.baselines import meter_for_run, run_baselines, write_baseline_summary  # noqa: E402
 from hwprune.config import load_profile  # noqa: E402
-from hwprune.hypervolume import Reference, best_speedup_within, hypervolume  # noqa: E402
+from hwprune.hypervolume import (Reference, best_speedup_within, ceiling_at_floor,  # noqa: E402
+                                 drop_allowed_at_floor, hypervolume)
 from hwprune.results import retime_alone, write_results  # noqa: E402
 from hwprune.search import SearchConfig, run_search  # noqa: E402
 from hwprune.workload import build_workload  # noqa: E402
 
-VGG_REF = "bench_models:vgg_small"
+VGG_FACTORIES = {"vgg": "vgg_small", "vgg-wide": "vgg_wide"}  # --model -> bench_models factory
 
 
-def vgg_workload(out: Path, space: str, seed: int):
-    """The VGG-style CNN trained once on MNIST-5k (3 epochs, like the demo) and cached in the run directory."""
-    from bench_models import vgg_small
+def vgg_workload(out: Path, space: str, seed: int, model_name: str = "vgg"):
+    """A VGG-style CNN trained once on MNIST-5k (3 epochs, like the demo) and cached in the run directory."""
+    import bench_models
 
     from hwprune.data import load_dataset
     from hwprune.recover import evaluate, train
 
-    weights = out / "vgg_small.pt"
+    factory = VGG_FACTORIES[model_name]
+    weights = out / f"{factory}.pt"
     if not weights.is_file():
         data = load_dataset("mnist-5k", seed=seed)
         torch.manual_seed(seed)
-        model = vgg_small()
+        model = getattr(bench_models, factory)()
         train(model, data, steps=3 * math.ceil(len(data.train) / 64), lr=0.05, batch_size=64, seed=seed)
-        print(f"vgg_small trained: validation accuracy {evaluate(model, data):.4f}", flush=True)
+        print(f"{factory} trained: validation accuracy {evaluate(model, data):.4f}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), weights)
-    return build_workload(VGG_REF, "mnist-5k", space, weights=str(weights), run_dir=out, seed=seed)
+    return build_workload(f"bench_models:{factory}", "mnist-5k", space, weights=str(weights), run_dir=out, seed=seed)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["demo", "vgg"], default="demo")
+    ap.add_argument("--model", choices=["demo", *VGG_FACTORIES], default="demo")
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--profile", default="cpu-1thread")
     ap.add_argument("--search-space", default="demo")
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     workload = (build_workload("demo", "mnist-5k", args.search_space, run_dir=out, seed=args.seed)
-                if args.model == "demo" else vgg_workload(out, args.search_space, args.seed))
+                if args.model == "demo" else vgg_workload(out, args.search_space, args.seed, args.model))
     profile = load_profile(args.profile)
     cfg = SearchConfig(out_dir=out, trials=args.trials, seed=args.seed, sampler=args.sampler, progress=False,
                        proposals=args.proposals, warm_start=not args.no_warm_start, max_drop=args.max_drop)
@@ -158,6 +160,13 @@ def main(argv=None) -> int:
                   f"({bf / bu:.2f}x; goal >= 1.3x: {'MET' if bf / bu >= 1.3 else 'NOT MET'})."]
         summary["retimed"] = {"hypervolume_front": hv_f, "hypervolume_uniform": hv_u, "best_within_1pp_front": bf,
                               "best_within_1pp_uniform": bu}
+        if hv_u > 0:
+            floor = 1.0 / float(timed.speedup.max())  # the fastest model re-timed: where latency stops falling
+            allowed = drop_allowed_at_floor(uni_pts, floor, ref, 1.10)
+            lines.append(f"Headroom, re-timed: the fastest model ran {1 / floor:.2f}x faster than dense; a lossless "
+                         f"model that fast would make {ceiling_at_floor(uni_pts, floor, ref):.3f}x uniform's "
+                         "hypervolume, so 1.10x " + ("is out of reach" if allowed is None else
+                                                     f"needs a model that fast within {100 * allowed:.2f} pp") + ".")
     worst = min(((v, m) for m, v in summary["relative"].items() if v), default=(float("inf"), "no baseline"))
     lines.append(f"Goal front hypervolume >= 1.10x the best baseline's (in-search latencies): "
                  f"{'MET' if worst[0] >= 1.10 else 'NOT MET'} ({worst[0]:.3f}x {worst[1]}'s).")
