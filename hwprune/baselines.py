@@ -303,7 +303,7 @@ def compare(trials: pd.DataFrame, baselines: pd.DataFrame, profile: str,
                             ceiling_at_floor=ceiling_at_floor(pts, floor_ms, ref),
                             target=HEADROOM_TARGET, drop_allowed_at_floor=allowed)
                 reach = (f"{HEADROOM_TARGET:.2f}x needs a model that fast losing at most {100 * allowed:.2f} pp"
-                         if allowed is not None else f"{HEADROOM_TARGET:.2f}x is out of reach on this device")
+                         if allowed is not None else f"{HEADROOM_TARGET:.2f}x is out of reach for models no faster than that")
                 summary["verdict"].append(
                     f"  at the fastest latency any plan reached ({room['floor_speedup']:.2f}x faster than dense) a "
                     f"lossless model would make {room['ceiling_at_floor']:.3f}x {method}'s hypervolume: {reach}")

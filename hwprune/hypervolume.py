@@ -65,8 +65,9 @@ def lossless_equivalent_speedup(area: float, ref: Reference) -> float:
 def ceiling_at_floor(baseline: Iterable[Tuple[float, float]], floor_ms: float, ref: Reference) -> float:
     """The hypervolume of ``baseline`` plus ONE model as fast as ``floor_ms`` that loses nothing, relative to the
     baseline's own. ``floor_ms`` is the fastest latency any plan of the run reached: on a small model latency stops
-    falling with MACs (fixed per-operator cost), so this bounds what a front of measured-speed models can add, far
-    below the ceiling at ``floor_ms = 0`` (latency could reach zero). The baseline's own area above dense accuracy
+    falling with MACs (fixed per-operator cost). For the run's own front (its models no faster than that, none more
+    accurate than dense beyond the baseline's) this is a strict bound; ``floor_ms = 0`` gives the looser one where
+    latency could reach zero. The baseline's own area above dense accuracy
     stays counted; models more accurate than dense could add more. inf when the baseline has no area."""
     pts = list(baseline)
     hv = hypervolume(pts, ref)
