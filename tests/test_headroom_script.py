@@ -28,3 +28,15 @@ def test_headroom_from_a_report(tmp_path):
     # uniform (0.4, 0.88) covers 0.6 * 0.08 = 0.048 of the 0.10 box (48%); the fastest plan is 10x (below the floor),
     # a lossless model there 0.9 * 0.10 = 0.09 (1.875x); 1.10x needs it within 8.4 pp (tests/test_baselines.py)
     assert rows == ["| toy | toy / demo-wide | alone | 48% | 1.000x | 10.00x | 2.083x | 1.875x | 8.40 pp |"], rows
+
+
+def test_latency_slack_gives_the_timing_noise_to_the_search(tmp_path):
+    (tmp_path / "search_vs_baselines_toy.md").write_text(REPORT)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "headroom_from_results.py"), "--results",
+                          str(tmp_path), "--max-drop", "0.10", "--latency-slack", "0.25"],
+                         capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    # uniform 25% slower: (0.5, 0.88) covers 0.04 (40%), box ceiling 0.10 / 0.04; the floor 25% faster: 12.5x, a
+    # lossless model there 0.92 * 0.10 = 0.092 (2.3x); 1.10x (0.044) needs 0.082 - 0.42 d >= 0.044, d = 9.05 pp;
+    # the lead column stays as timed (1.000x)
+    assert "| toy | toy / demo-wide | alone | 40% | 1.000x | 12.50x | 2.500x | 2.300x | 9.05 pp |" in out.stdout, out.stdout
