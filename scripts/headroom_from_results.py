@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from hwprune.baselines import HEADROOM_TARGET
 from hwprune.hypervolume import (DEFAULT_MAX_DROP, Reference, box_area, ceiling_at_floor, drop_allowed_at_floor,
                                  hypervolume)
 
@@ -44,7 +45,7 @@ def read_run(path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", type=float, default=1.10, help="the lead over uniform to test for reachability")
+    ap.add_argument("--target", type=float, default=HEADROOM_TARGET, help="the lead over uniform to test for reachability")
     ap.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, help="accuracy floor of the reference box")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of search_vs_baselines_*.md reports")
